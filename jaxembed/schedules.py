@@ -1,0 +1,79 @@
+"""The templates' learning-rate schedule: piecewise constant, decayed every `step_epochs`."""
+
+from __future__ import annotations
+
+import math
+
+import optax
+
+
+def steps_per_epoch(items_per_epoch: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch: ceil(items_per_epoch / batch_size)."""
+    if items_per_epoch < 1 or batch_size < 1:
+        raise ValueError(f"need items_per_epoch >= 1 and batch_size >= 1, got {items_per_epoch=}, {batch_size=}")
+    return math.ceil(items_per_epoch / batch_size)
+
+
+def decay_epochs(*, init_epochs: int, step_epochs: int, num_epochs: int) -> list[int]:
+    """The epochs at whose start the learning rate is multiplied by the decay factor.
+
+    init_epochs, init_epochs + step_epochs, ... while < num_epochs.
+    """
+    return list(range(init_epochs, num_epochs, step_epochs))
+
+
+def learning_rate_schedule(
+    *,
+    batch_size: int,
+    per_item_lrate: float,
+    init_epochs: int,
+    step_epochs: int,
+    num_epochs: int,
+    items_per_epoch: int,
+    decay: float = 0.1,
+) -> optax.Schedule:
+    """The learning rate at each optimiser step, as the templates define it.
+
+      lr(step) = batch_size * per_item_lrate * decay ** k,
+      k = the number of boundaries b_i <= step, b_i = (init_epochs + i * step_epochs) * steps_per_epoch,
+      for every boundary epoch < num_epochs, with steps_per_epoch = ceil(items_per_epoch / batch_size).
+
+    So the initial rate is held for init_epochs, then multiplied by `decay` every step_epochs.
+    Steps at or past num_epochs keep the last rate.
+
+    Args:
+      batch_size: global batch size (images per step).
+      per_item_lrate: learning rate per image, >= 0.
+      init_epochs: epochs at the initial rate, >= 1.
+      step_epochs: epochs between decays, >= 1.
+      num_epochs: total epochs, >= 1.
+      items_per_epoch: images per epoch, >= 1.
+      decay: factor applied at each boundary, in (0, 1].
+
+    Returns:
+      An optax schedule: step (int or int array) -> learning rate (float32 array).
+
+    Example:
+      >>> s = learning_rate_schedule(batch_size=10, per_item_lrate=0.01, init_epochs=2,
+      ...                            step_epochs=1, num_epochs=4, items_per_epoch=95)
+      >>> [round(float(s(t)), 6) for t in (0, 19, 20, 29, 30)]  # 10 steps per epoch
+      [0.1, 0.1, 0.01, 0.01, 0.001]
+    """
+    for name, value in (("init_epochs", init_epochs), ("step_epochs", step_epochs), ("num_epochs", num_epochs)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if per_item_lrate < 0:
+        raise ValueError(f"per_item_lrate={per_item_lrate} must be >= 0")
+    if not 0 < decay <= 1:
+        raise ValueError(f"decay={decay} must be in (0, 1]")
+    per_epoch = steps_per_epoch(items_per_epoch, batch_size)
+    boundaries = {
+        epoch * per_epoch: decay
+        for epoch in decay_epochs(init_epochs=init_epochs, step_epochs=step_epochs, num_epochs=num_epochs)
+    }
+    return optax.piecewise_constant_schedule(batch_size * per_item_lrate, boundaries)
+
+
+def total_steps(*, batch_size: int, num_epochs: int, items_per_epoch: int) -> int:
+    """Optimiser steps in the whole run: num_epochs * steps_per_epoch."""
+    return num_epochs * steps_per_epoch(items_per_epoch, batch_size)
