@@ -1,3 +1,10 @@
 """jaxembed: visual embedding models in JAX/Flax, trained from templates and served as pure functions."""
 
 __version__ = "0.1.0"
+
+
+def load(workdir: str, *, step: int | None = None):
+    """The `Embedder` of a training workdir (see `jaxembed.embed.load`)."""
+    from jaxembed.embed import load as _load  # imported on use: it pulls in TensorFlow for decoding
+
+    return _load(workdir, step=step)
