@@ -169,7 +169,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx, 
     (loss, batch_stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "param_norm": optax.global_norm(params)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "param_norm": optax.tree.norm(params)}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
@@ -205,8 +205,15 @@ class Run:
 
 def _split(data, config: templates.Config, options: TrainOptions):
     holdout = options.holdout or ("concepts" if config.template.head == "arcface" else "images")
-    split = data_lib.split_by_concepts if holdout == "concepts" else data_lib.split_by_images
-    return split(data, options.holdout_fraction, options.seed)
+    if holdout == "images":
+        return data_lib.split_by_images(data, options.holdout_fraction, options.seed)
+    fraction = options.holdout_fraction
+    if round(fraction * data.num_concepts) < 2 <= data.num_concepts - 2:
+        # Retrieval among one unseen concept is trivially perfect: hold out at least two.
+        fraction = 2 / data.num_concepts
+        log.info("holding out 2 of %d concepts (holdout_fraction %.3f) so retrieval is meaningful",
+                 data.num_concepts, fraction)
+    return data_lib.split_by_concepts(data, fraction, options.seed)
 
 
 def prepare_run(config: templates.Config, options: TrainOptions, data) -> Run:
@@ -515,7 +522,7 @@ def _progress_bar(run: Run, start: int, end: int):
 # Settings for the bare command on a CPU, where the template defaults (224 px, 30 epochs of a
 # 100-layer network) would take days. Flags given by the user override them.
 CPU_DEMO = {
-    "resnet_angular_margin": {"arch": "resnet50", "image_size": 32, "batch_size": 32, "num_epochs": 2,
+    "resnet_angular_margin": {"image_size": 32, "batch_size": 32, "num_epochs": 2,
                               "init_epochs": 1, "step_epochs": 1, "num_items_per_epoch": 512,
                               "per_item_lrate": 0.0005, "angular_scale": 32},
     "inception_bn": {"image_size": 32, "batch_size": 32, "num_epochs": 3, "init_epochs": 2, "step_epochs": 1,

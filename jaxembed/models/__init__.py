@@ -1,0 +1,72 @@
+"""Backbones and template models.
+
+`create(arch, num_classes=None, dtype=..., remat=False)` builds a Linen
+backbone by name; `feature_dim(arch)` gives the width of its pooled features.
+Every backbone takes normalised NHWC float images of any size >= 32 (global
+average pooling) and returns float32 features (B, feature_dim) or logits
+(B, num_classes). Variables: "params" (float32) and "batch_stats".
+
+The template models that take raw pixels live in `jaxembed.models.heads`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxembed.models import inception_bn, resnet
+from jaxembed.models.heads import ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
+
+# arch name -> (constructor accepting num_classes/dtype/remat, pooled feature width)
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
+    "resnet50": (resnet.ResNet50, resnet.FEATURE_DIM),
+    "resnet101": (resnet.ResNet101, resnet.FEATURE_DIM),
+    "resnet152": (resnet.ResNet152, resnet.FEATURE_DIM),
+    "resnext50_32x4d": (resnet.ResNeXt50_32x4d, resnet.FEATURE_DIM),
+    "resnext101_32x8d": (resnet.ResNeXt101_32x8d, resnet.FEATURE_DIM),
+    "resnext101_64x4d": (resnet.ResNeXt101_64x4d, resnet.FEATURE_DIM),
+    "inception_bn": (inception_bn.InceptionBN, inception_bn.FEATURE_DIM),
+}
+
+ARCHS = tuple(_REGISTRY)
+
+
+def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
+    try:
+        return _REGISTRY[arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}") from None
+
+
+def create(
+    arch: str, *, num_classes: int | None = None, dtype: Any = jnp.float32, remat: bool = False
+) -> nn.Module:
+    """Backbone `arch` as a Linen module.
+
+    Call it as `module.apply(variables, x, train=False)` with x (B, H, W, 3)
+    normalised float; in train mode add `mutable=["batch_stats"]`.
+    Without num_classes it returns pooled features (B, feature_dim(arch))
+    float32, otherwise logits (B, num_classes) float32.
+    dtype: computation dtype (parameters stay float32).
+    remat: rematerialise each residual/inception block to save activation memory.
+    """
+    constructor, _ = _lookup(arch)
+    return constructor(num_classes=num_classes, dtype=dtype, remat=remat)
+
+
+def feature_dim(arch: str) -> int:
+    """Width of the pooled features of `arch` (2048 for ResNet/ResNeXt, 1024 for BN-Inception)."""
+    return _lookup(arch)[1]
+
+
+__all__ = [
+    "ARCHS",
+    "ArcFaceModel",
+    "ClassifierModel",
+    "create",
+    "feature_dim",
+    "l2_normalize",
+    "normalize_images",
+]

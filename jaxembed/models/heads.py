@@ -1,0 +1,125 @@
+"""Template models: input normalisation + backbone + head, taking raw images.
+
+Both models take raw RGB pixels (B, H, W, 3), uint8 or float in [0, 255], and
+return a dict of float32 arrays whose "embedding" entry is L2-normalised.
+
+The backbone must be built without a classifier (`jaxembed.models.create(arch)`)
+so it returns pooled features (B, feature_dim) float32. The heads are small
+next to the backbone and run in float32 so that embeddings, logits and the
+ArcFace features are never rounded to bfloat16; `dtype` is the dtype of the
+normalised images handed to the backbone (use the backbone's computation dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """Raw RGB pixels -> ImageNet-normalised images.
+
+    images: (..., H, W, 3) uint8 or float in [0, 255], RGB.
+    Returns the same shape in `dtype`; the arithmetic is done in float32.
+    """
+    x = images.astype(jnp.float32)
+    x = (x - jnp.asarray(IMAGENET_MEAN_255, jnp.float32)) / jnp.asarray(IMAGENET_STD_255, jnp.float32)
+    return x.astype(dtype)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, in float32.
+
+    An all-zero row stays zero instead of becoming NaN, and its gradient stays finite.
+    """
+    x = x.astype(jnp.float32)
+    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
+    # Clamp before the rsqrt: the gradient of sqrt at 0 is infinite.
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
+
+
+def _head_batch_norm(train: bool, name: str, use_scale: bool = True) -> nn.BatchNorm:
+    """Float32 BatchNorm over the feature axis, torch defaults (momentum 0.1, eps 1e-5)."""
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        use_scale=use_scale,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+class ClassifierModel(nn.Module):
+    """Backbone + linear classifier (the inception_bn and resnext templates).
+
+    `__call__(images, train=False)` -> {
+      "embedding": L2-normalised pooled backbone features (B, feature_dim) float32,
+      "logits": Dense(num_classes) on the un-normalised pooled features (B, num_classes) float32,
+    }. The loss decides between softmax and sigmoid; no activation here.
+    """
+
+    backbone: nn.Module
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(jnp.float32)
+        classifier = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="classifier")
+        logits = classifier(features)
+        return {"embedding": l2_normalize(features), "logits": logits}
+
+
+class ArcFaceModel(nn.Module):
+    """Backbone + insightface's "E" embedding head + ArcFace class centres.
+
+    Head: BatchNorm -> Dropout -> Dense(embeddings_size) -> BatchNorm, as in
+    insightface's "E" output layer, applied to the pooled backbone features.
+    Like insightface (which fixes gamma of that last BN at 1), the final BN has
+    no scale: a learnable per-dimension scale would only reweight the
+    embedding before L2 normalisation.
+
+    Attributes:
+      backbone: feature extractor returning (B, feature_dim) float32.
+      embeddings_size: size D of the embedding.
+      num_classes: number of ArcFace classes (rows of the class-centre matrix).
+      dropout_rate: dropout before the Dense in train mode. insightface uses 0.4
+        on its flattened 7x7 map; on pooled features a milder 0.2 is the default.
+        When > 0, train mode needs `rngs={"dropout": key}`.
+      dtype: dtype of the normalised images handed to the backbone.
+
+    Params: "backbone", "feature_bn", "embedding_fc", "embedding_bn", and the
+    top-level "centers" (D, num_classes) float32 read by the ArcFace loss
+    (`jaxembed.losses.arcface_loss(embeddings, centers, labels, ...)`).
+
+    `__call__(images, train=False)` -> {
+      "embedding": L2-normalised head output (B, D) float32,
+      "features": un-normalised head output (B, D) float32,
+    }
+    """
+
+    backbone: nn.Module
+    embeddings_size: int
+    num_classes: int
+    dropout_rate: float = 0.2
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        # Owned here (not by the loss) so it is saved, sharded and optimised with the model.
+        self.param("centers", nn.initializers.normal(0.01), (self.embeddings_size, self.num_classes), jnp.float32)
+
+        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(jnp.float32)
+        x = _head_batch_norm(train, "feature_bn")(features)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = nn.Dense(self.embeddings_size, dtype=jnp.float32, param_dtype=jnp.float32, name="embedding_fc")(x)
+        x = _head_batch_norm(train, "embedding_bn", use_scale=False)(x)
+        return {"embedding": l2_normalize(x), "features": x}
