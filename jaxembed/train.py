@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -361,14 +362,24 @@ def _write_json(path: str, record: dict) -> None:
         os.replace(tmp, path)  # atomic: a crash never leaves half a file
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[TrainState | None, int | None]:
-    """The newest checkpoint that restores; an unreadable one is skipped with a warning."""
+def restore_latest(manager: ocp.CheckpointManager, abstract_state, quarantine: str) -> tuple[TrainState | None, int | None]:
+    """The newest checkpoint that restores, and its step.
+
+    An unreadable checkpoint (corrupted, or cut short by a crash mid-save) is moved to `quarantine`
+    with a warning, so the run falls back to the previous one and can later save that step again.
+    """
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             return manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), step
-        except Exception as error:  # a corrupted or half-written checkpoint: fall back to an older one
-            log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an older one",
-                        step, type(error).__name__, error)
+        except Exception as error:  # noqa: BLE001 - any failure to read means: fall back
+            log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an older one; moved to %s",
+                        step, type(error).__name__, str(error)[:200], quarantine)
+            if jax.process_index() == 0:
+                os.makedirs(quarantine, exist_ok=True)
+                target = os.path.join(quarantine, f"{step}-{int(time.time())}")
+                shutil.move(os.path.join(manager.directory, str(step)), target)
+            multihost_utils.sync_global_devices("quarantine checkpoint")
+            manager.reload()
     return None, None
 
 
@@ -425,7 +436,8 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
         os.path.join(workdir, "checkpoints"),
         options=ocp.CheckpointManagerOptions(max_to_keep=options.keep_checkpoints, create=True),
     )
-    restored, restored_step = restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    restored, restored_step = restore_latest(manager, jax.tree.map(ocp.utils.to_shape_dtype_struct, state),
+                                             os.path.join(workdir, "unreadable_checkpoints"))
     if restored is not None:
         state = restored
         log.info("resumed from the checkpoint at step %d", restored_step)

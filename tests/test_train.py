@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -84,17 +85,45 @@ def _restore(workdir, step=None):
         return manager.restore(step or manager.latest_step(), args=ocp.args.StandardRestore())
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(inception_run, digits, tmp_path):
+def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(inception_run, digits, tmp_path, monkeypatch):
     straight_dir, straight = inception_run
-    first = train.train_and_evaluate(tiny_config("inception_bn"), str(tmp_path),
-                                     options=dataclasses.replace(OPTIONS, max_steps=1), data=digits)
-    assert not first["finished"] and first["step"] == 1
+    original = train._batches_from
+
+    def batches_then_sigterm(run, step):
+        for count, batch in enumerate(original(run, step)):
+            if count == 1:  # a preemption notice while the second step is under way
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    monkeypatch.setattr(train, "_batches_from", batches_then_sigterm)
+    first = train.train_and_evaluate(tiny_config("inception_bn"), str(tmp_path), options=OPTIONS, data=digits)
+    assert first["stopped_by"] == "SIGTERM" and not first["finished"] and first["step"] == 2
+    assert os.path.isdir(tmp_path / "checkpoints" / "2")
+    monkeypatch.setattr(train, "_batches_from", original)
     second = train.train_and_evaluate(tiny_config("inception_bn"), str(tmp_path), options=OPTIONS, data=digits)
     assert second["finished"] and second["step"] == 4
     for x, y in zip(leaves(_restore(straight_dir)), leaves(_restore(str(tmp_path))), strict=True):
         np.testing.assert_array_equal(x, y)  # bitwise on CPU
     assert straight["train/loss"] == second["train/loss"]
     assert straight["eval/recall@1"] == second["eval/recall@1"]
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(inception_run, digits, tmp_path, caplog):
+    straight_dir, _ = inception_run
+    shutil.copytree(os.path.join(straight_dir, "checkpoints"), tmp_path / "checkpoints")
+    shutil.copy(os.path.join(straight_dir, "run.json"), tmp_path / "run.json")
+    for root, _, files in os.walk(tmp_path / "checkpoints" / "4"):
+        for name in files:
+            if "ocdbt" in root or name.endswith("ocdbt"):
+                with open(os.path.join(root, name), "r+b") as f:
+                    f.write(b"garbage" * 8)
+    with caplog.at_level("WARNING", logger="jaxembed.train"):
+        summary = train.train_and_evaluate(tiny_config("inception_bn"), str(tmp_path), options=OPTIONS, data=digits)
+    assert "checkpoint at step 4 is unreadable" in caplog.text
+    assert summary["finished"] and summary["step"] == 4  # steps 3 and 4 trained again from step 2
+    assert os.listdir(tmp_path / "unreadable_checkpoints")
+    for x, y in zip(leaves(_restore(straight_dir)), leaves(_restore(str(tmp_path))), strict=True):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_workdir_of_another_run_is_refused(inception_run, digits):
