@@ -64,6 +64,7 @@ class TrainOptions:
     remat: bool = False
     holdout: str | None = None  # "images" or "concepts"; default: images for classifiers, concepts for ArcFace
     holdout_fraction: float = 0.1
+    min_crop_area: float = 0.25  # random-resized-crop keeps at least this fraction of the image area
     data_dir: str | None = None
     depth: int | None = None
     log_every: int = 10
@@ -80,6 +81,8 @@ class TrainOptions:
             raise ValueError(f"dtype={self.dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
         if self.holdout not in (None, "images", "concepts"):
             raise ValueError(f"holdout={self.holdout!r} is invalid: expected images or concepts")
+        if not 0 < self.min_crop_area <= 1:
+            raise ValueError(f"min_crop_area={self.min_crop_area} must be in (0, 1]")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
@@ -270,6 +273,7 @@ def _batches_from(run: Run, step: int) -> Iterator[dict]:
     return data_lib.train_batches(
         run.train_data, image_size=run.config.image_size, batch_size=run.local_batch_size, seed=run.options.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_batches=step,
+        crop_area=(run.options.min_crop_area, 1.0),
     )
 
 
@@ -544,6 +548,10 @@ CPU_DEMO = {
 }
 
 
+# The embedded digits are 8x8 pixels: crops of a quarter of that lose the digit.
+CPU_DEMO_OPTIONS = {"min_crop_area": 0.7}
+
+
 def build_parser(template: templates.Template) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m jaxembed.train", description=f"Train the {template.name} template: {template.description}.")
@@ -563,7 +571,8 @@ def build_parser(template: templates.Template) -> argparse.ArgumentParser:
             parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction, default=default)
         else:
             kind = type(default) if default is not None else (int if field.name in ("depth", "max_steps") else str)
-            parser.add_argument(f"--{field.name}", type=kind, default=default, help=f"(default {default})")
+            # None = not given, so the demo settings can tell the user's choices from the defaults.
+            parser.add_argument(f"--{field.name}", type=kind, default=None, help=f"(default {default})")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
     parser.add_argument("--coordinator_address", default=None, help="multi-host: the coordinator's host:port")
     parser.add_argument("--num_processes", type=int, default=None)
@@ -585,16 +594,19 @@ def main(argv: list[str] | None = None) -> int:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
     overrides = {name: getattr(args, name) for name in ("arch", *template.hparams) if getattr(args, name) is not None}
+    option_values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)
+                     if f.name != "progress" and getattr(args, f.name) is not None}
     if args.data is None and jax.default_backend() == "cpu":
+        demo_options = {k: v for k, v in CPU_DEMO_OPTIONS.items() if k not in option_values}
         demo = {k: v for k, v in CPU_DEMO[template.name].items() if k not in overrides}
-        if demo:
+        option_values.update(demo_options)
+        if demo or demo_options:
             print(f"jaxembed: training on the embedded default dataset on a CPU; the template defaults would "
                   f"take days here, so these demo settings apply (flags override them): "
-                  f"{', '.join(f'--{k} {v}' for k, v in demo.items())}", flush=True)
+                  f"{', '.join(f'--{k} {v}' for k, v in {**demo, **demo_options}.items())}", flush=True)
         overrides = {**demo, **overrides}
     try:
         config = template.config(**overrides)
-        option_values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions) if f.name != "progress"}
         options = TrainOptions(**option_values, progress=not args.no_progress)
     except ValueError as error:
         print(f"jaxembed.train: error: {error}", file=sys.stderr)

@@ -9,6 +9,12 @@ Typical use (the trainer):
     for batch in eval_batches(heldout, image_size=224, batch_size=64): ...  # batch["mask"] marks real rows
 """
 
+import os
+
+# TensorFlow only feeds the host pipeline here; its start-up INFO lines (oneDNN, ...) are noise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+
 from jaxembed.data.dataset import BadFile, LabelledImages, load_label_map, save_label_map
 from jaxembed.data.decode import ImageRef, decode_image
 from jaxembed.data.pipeline import eval_batches, steps_per_epoch, train_batches

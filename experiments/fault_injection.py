@@ -1,0 +1,195 @@
+"""Fault injection: kill -9 the trainer at random moments and resume; train and embed through bad files.
+
+    python experiments/fault_injection.py [--trials 10] [--seed 0] [--out experiments/results/fault_injection.json]
+
+1. Crash and resume: a tiny inception_bn run (12 steps, a checkpoint after every step, so many kills land
+   during a save) is killed with SIGKILL at a random moment, then resumed, as many times as the trial's
+   kill count says; its final parameters must equal an uninterrupted run's bit for bit.
+2. Bad input: a folder of real Omniglot drawings (from ../shared) plus a generated corpus of bad and odd
+   files is trained on and embedded; every bad file must be named in summary.json and in the embed log,
+   and every good file must be used.
+Prints a summary table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OMNIGLOT = os.path.join(REPO, "..", "shared", "datasets", "omniglot", "images_background_small1.zip")
+TINY_FLAGS = ["--template", "inception_bn", "--image_size", "32", "--batch_size", "8", "--num_epochs", "3",
+              "--init_epochs", "1", "--step_epochs", "1", "--num_items_per_epoch", "32", "--per_item_lrate", "0.002",
+              "--checkpoint_every", "1", "--keep_checkpoints", "2", "--no_progress"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "jaxembed-xla-cache"))
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def train(workdir: str, extra: list[str] = (), kill_after: float | None = None) -> tuple[int, str]:
+    """Runs the trainer; with `kill_after`, sends SIGKILL after that many seconds. Returns (exit code, log)."""
+    command = [sys.executable, "-m", "jaxembed.train", *TINY_FLAGS, "--workdir", workdir, *extra]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+    if kill_after is not None:
+        try:
+            process.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+    output, _ = process.communicate()
+    return process.returncode, output
+
+
+def final_params(workdir: str) -> list[np.ndarray]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    return [np.asarray(x) for x in jax.tree.leaves((state["params"], state["batch_stats"]))]
+
+
+def crash_trials(trials: int, rng: random.Random, root: str) -> dict:
+    reference_dir = os.path.join(root, "reference")
+    start = time.perf_counter()
+    code, output = train(reference_dir)
+    reference_seconds = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"reference run failed:\n{output[-3000:]}")
+    reference = final_params(reference_dir)
+    rows = []
+    for trial in range(trials):
+        workdir = os.path.join(root, f"trial{trial}")
+        kills, killed_at = rng.randint(1, 3), []
+        for _ in range(kills):
+            moment = rng.uniform(0.3, 1.0) * reference_seconds
+            code, output = train(workdir, kill_after=moment)
+            killed_at.append(round(moment, 1) if code == -signal.SIGKILL else None)
+        code, output = train(workdir)  # resume to the end
+        equal = code == 0 and all(np.array_equal(a, b) for a, b in zip(reference, final_params(workdir), strict=True))
+        fallbacks = output.count("is unreadable")
+        rows.append({"trial": trial, "kills": sum(k is not None for k in killed_at), "killed_at_s": killed_at,
+                     "resumed_ok": code == 0, "params_equal": bool(equal), "checkpoint_fallbacks": fallbacks})
+        print(f"trial {trial}: killed at {killed_at} s, resumed {'ok' if code == 0 else 'FAILED'}, "
+              f"params {'equal' if equal else 'DIFFERENT'}", flush=True)
+    return {"reference_seconds": reference_seconds, "trials": rows}
+
+
+def bad_corpus(folder: str) -> dict[str, str]:
+    """Writes bad and odd files into concept folders; returns {relative path: 'bad' or 'good'}."""
+    from PIL import Image
+
+    kinds = {}
+
+    def put(relative, payload, kind):
+        path = os.path.join(folder, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if isinstance(payload, Image.Image):
+            payload.save(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(payload)
+        kinds[relative] = kind
+
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80), np.uint8))
+    import io
+
+    buffer = io.BytesIO()
+    gray.convert("RGB").save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    buffer = io.BytesIO()
+    gray.save(buffer, "PNG")
+    png = buffer.getvalue()
+    odd = "Odd concept ü/"
+    put(odd + "corrupt.jpg", jpeg[:20] + b"\x00" * 200 + jpeg[220:], "bad")
+    put(odd + "truncated.png", png[: len(png) // 2], "bad")
+    put(odd + "zero.jpg", b"", "bad")
+    put(odd + "text.jpg", b"this is not an image\n", "bad")
+    put(odd + "gray ü.png", gray, "good")
+    put(odd + "rgba.png", gray.convert("RGBA"), "good")
+    put(odd + "palette.png", gray.convert("P"), "good")
+    put(odd + "cmyk.jpg", gray.convert("CMYK"), "good")
+    put(odd + "sixteen.png", Image.fromarray((np.asarray(gray).astype(np.uint16) * 257)), "good")
+    put(odd + "tiny.png", Image.new("RGB", (1, 1), (10, 200, 30)), "good")
+    put(odd + "large.jpg", gray.resize((4000, 3000)), "good")
+    put(odd + "duplicate.jpg", jpeg, "good")
+    put(odd + "duplicate copy.jpg", jpeg, "good")
+    os.makedirs(os.path.join(folder, "empty concept"), exist_ok=True)
+    return kinds
+
+
+def bad_input_run(root: str) -> dict:
+    folder = os.path.join(root, "images")
+    with zipfile.ZipFile(OMNIGLOT) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".png") and "/Balinese/character0" in n]
+        for name in names[:60]:
+            target = os.path.join(folder, os.path.relpath(name, "images_background_small1"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(archive.read(name))
+    kinds = bad_corpus(folder)
+    good_total = sum(1 for _, _, files in os.walk(folder) for _ in files) - sum(k == "bad" for k in kinds.values())
+    workdir = os.path.join(root, "run")
+    code, output = train(workdir, ["--data", folder, "--num_epochs", "1", "--holdout_fraction", "0.2"])
+    with open(os.path.join(workdir, "summary.json")) as f:
+        summary = json.load(f)
+    named = {os.path.relpath(b["path"], folder) for b in summary["bad_files"]}
+    bad = {path for path, kind in kinds.items() if kind == "bad"}
+    embed_out = os.path.join(root, "embeddings.npz")
+    embed = subprocess.run([sys.executable, "-m", "jaxembed.embed", "--workdir", workdir, "--images", folder,
+                            "--out", embed_out], capture_output=True, text=True, env=_env())
+    embedded = np.load(embed_out)["paths"] if embed.returncode == 0 else []
+    return {
+        "train_exit_code": code, "bad_files": len(bad), "bad_files_named_in_summary": len(bad & named),
+        "empty_folder_named": any("empty concept" in p for p in named),
+        "good_files": good_total, "good_files_embedded": len(embedded),
+        "embed_exit_code": embed.returncode,
+        "bad_files_named_in_embed_log": sum(os.path.basename(p) in embed.stderr for p in bad),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "fault_injection.json"))
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="jaxembed-faults-")
+    try:
+        results = {"bad_input": bad_input_run(root), **crash_trials(args.trials, random.Random(args.seed), root)}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    trials = results["trials"]
+    bad = results["bad_input"]
+    print("\n| check | result |\n| --- | --- |")
+    print(f"| crash trials (kill -9 at random moments, 1-3 kills each) | {len(trials)} |")
+    print(f"| kills delivered | {sum(t['kills'] for t in trials)} |")
+    print(f"| runs resumed to the end | {sum(t['resumed_ok'] for t in trials)} / {len(trials)} |")
+    print(f"| final parameters bitwise equal to the uninterrupted run | {sum(t['params_equal'] for t in trials)} / {len(trials)} |")
+    print(f"| unreadable checkpoints fallen back from | {sum(t['checkpoint_fallbacks'] for t in trials)} |")
+    print(f"| bad files named in summary.json | {bad['bad_files_named_in_summary']} / {bad['bad_files']} |")
+    print(f"| empty concept folder named | {bad['empty_folder_named']} |")
+    print(f"| good files embedded | {bad['good_files_embedded']} / {bad['good_files']} |")
+    print(f"| bad files named by the embed command | {bad['bad_files_named_in_embed_log']} / {bad['bad_files']} |")
+
+
+if __name__ == "__main__":
+    main()
