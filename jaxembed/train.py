@@ -71,6 +71,7 @@ class TrainOptions:
     checkpoint_every: int = 200  # steps between checkpoints
     keep_checkpoints: int = 3
     eval_batch_size: int = 64
+    init_from: str | None = None  # torchvision/BN-Inception weights (.pth or .safetensors) for the backbone
     max_steps: int | None = None  # stop (with a checkpoint) at this step; resume later
     progress: bool = True
 
@@ -445,6 +446,11 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
     if restored is not None:
         state = restored
         log.info("resumed from the checkpoint at step %d", restored_step)
+    elif options.init_from:  # a fresh run starts its backbone from pretrained weights; a resumed one keeps its own
+        pretrained = models.load_pretrained(config.arch, options.init_from)
+        merged = models.merge_backbone({"params": state.params, "batch_stats": state.batch_stats}, pretrained)
+        state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+        log.info("backbone initialised from %s", options.init_from)
     start = int(state.step)
     last_good = restored_step
     end = run.total_steps if options.max_steps is None else min(run.total_steps, options.max_steps)

@@ -186,3 +186,26 @@ def test_embedder_on_a_trained_run(inception_run):
 def test_command_line_errors_name_the_flag(capsys):
     assert train.main(["--template", "inception_bn", "--image_size", "40", "--no_progress"]) == 2
     assert "image_size=40" in capsys.readouterr().err
+
+
+def test_init_from_pretrained_backbone(digits, tmp_path):
+    from safetensors.numpy import save_file
+
+    from jaxembed.models import pretrained
+
+    rng = np.random.default_rng(0)
+    shapes = pretrained.state_dict_shapes("inception_bn")
+    weights = {name: rng.normal(0, 0.05, size=shape).astype(np.float32) for name, shape in shapes.items()}
+    for name in weights:
+        if name.endswith("running_var"):
+            weights[name] = np.abs(weights[name]) + 0.5
+    path = str(tmp_path / "weights.safetensors")
+    save_file(weights, path)
+    expected = pretrained.load_pretrained("inception_bn", path)["params"]
+    config = tiny_config("inception_bn", per_item_lrate=0.0)  # a zero learning rate keeps the loaded weights
+    options = dataclasses.replace(OPTIONS, init_from=path, max_steps=1)
+    train.train_and_evaluate(config, str(tmp_path / "run"), options=options, data=digits)
+    params = _restore(str(tmp_path / "run"))["params"]
+    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(params["backbone"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert "classifier" in params  # the head is new, not from the file

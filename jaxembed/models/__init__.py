@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxembed.models import inception_bn, resnet
 from jaxembed.models.heads import ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
+from jaxembed.models.pretrained import load_pretrained, merge_backbone
 
 # arch name -> (constructor accepting num_classes/dtype/remat, pooled feature width)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
@@ -68,5 +69,7 @@ __all__ = [
     "create",
     "feature_dim",
     "l2_normalize",
+    "load_pretrained",
+    "merge_backbone",
     "normalize_images",
 ]
