@@ -1,10 +1,19 @@
-"""Retrieval and classification metrics on embeddings, logits and labels (NumPy, host side).
+"""Retrieval, few-shot and classification metrics on embeddings, logits and labels (NumPy, host side),
+and `python -m jaxembed.evaluate`.
 
 Retrieval metrics use leave-one-out search: each item queries all the others by cosine similarity
-(embeddings are unit vectors, so by dot product).
+(embeddings are unit vectors, so by dot product). N-way one-shot accuracy classifies items by their
+nearest of N labelled examples, as in the Omniglot benchmark.
+
+    python -m jaxembed.evaluate --embeddings FILE.npz [--out metrics.json]     # from `python -m jaxembed.embed`
+    python -m jaxembed.evaluate --workdir DIR --images FOLDER [--out metrics.json]
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+import sys
 
 import numpy as np
 
@@ -95,3 +104,278 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
         precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
         aps.append(np.sum(precision * hits) / hits.sum())
     return float(np.mean(aps))
+
+
+# ----------------------------------------------------------------------------- few-shot classification
+
+
+def _class_members(labels) -> tuple[np.ndarray, list[np.ndarray]]:
+    """`(class_of_item (n,), members)`: dense class ids and, per class, its item indices (ascending)."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return np.zeros(0, np.int64), []
+    class_of_item = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    order = np.argsort(class_of_item, kind="stable")
+    counts = np.bincount(class_of_item)
+    return class_of_item, np.split(order, np.cumsum(counts)[:-1])
+
+
+def _classes_by_group(labels, groups) -> list[np.ndarray]:
+    """Per group, the classes with at least two items (a support and a query); each class in one group."""
+    class_of_item, members = _class_members(labels)
+    if groups is None:
+        group_of_item = np.zeros(len(class_of_item), np.int64)
+    else:
+        if len(groups) != len(class_of_item):
+            raise ValueError(f"groups has {len(groups)} entries but labels has {len(class_of_item)}")
+        group_of_item = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
+    group_of_class = np.array([group_of_item[items[0]] for items in members], np.int64)
+    for c, items in enumerate(members):
+        if np.any(group_of_item[items] != group_of_class[c]):
+            raise ValueError(f"class {np.asarray(labels)[items[0]].item()!r} has items in more than one group")
+    usable = np.array([len(items) >= 2 for items in members])
+    return [np.flatnonzero(usable & (group_of_class == g)) for g in range(group_of_item.max(initial=-1) + 1)]
+
+
+def max_n_way(labels, groups=None) -> int:
+    """The largest `n_way` that `n_way_one_shot_accuracy` accepts for these labels and groups: the most
+    classes with two or more items that one group holds."""
+    return max((len(classes) for classes in _classes_by_group(labels, groups)), default=0)
+
+
+def n_way_one_shot_accuracy(embeddings: np.ndarray, labels, groups=None, *, n_way: int = 20,
+                            episodes: int = 1000, seed: int = 0) -> float:
+    """N-way one-shot classification accuracy by nearest support (the Omniglot protocol of Lake,
+    Salakhutdinov & Tenenbaum, "Human-level concept learning through probabilistic program induction", 2015).
+
+    Each episode picks a group uniformly among those with at least `n_way` usable classes (two or more
+    items), `n_way` of its classes, and one random support item per class. Every other item of those
+    classes is a query, classified as the class of its most cosine-similar support. The result is the
+    fraction of correct queries per episode, averaged over episodes.
+
+    Drawing an episode's classes from one group (e.g. the characters of one Omniglot alphabet) is what
+    makes the task hard: classes of one group look alike. Without `groups`, all items form one group.
+
+    Args:
+      embeddings: `(n, d)` float vectors (normalised here, so unit length is not required).
+      labels: `(n,)` class of each item, integers or strings.
+      groups: optional `(n,)` group of each item, integers or strings; a class must lie in one group.
+      n_way: classes per episode, >= 2.
+      episodes: number of episodes, >= 1.
+      seed: seeds the episode draws; the result is deterministic for a given seed.
+
+    Returns:
+      The mean accuracy in [0, 1] (chance is 1 / n_way).
+
+    Raises:
+      ValueError: `n_way` < 2, `episodes` < 1, mismatched lengths, a class in two groups, or no group
+        with `n_way` classes of two or more items (`max_n_way` gives the largest possible).
+
+    Example: with labels [a, a, b, b] and embeddings at angles 0, 60, 90, 100 degrees, 2-way episodes
+    whose support for `a` is the item at 0 misclassify the query at 60 (closer to `b`): accuracy 0.5;
+    the other half of the episodes score 1, so the expectation is 0.75.
+    """
+    if n_way < 2:
+        raise ValueError(f"n_way={n_way} must be >= 2")
+    if episodes < 1:
+        raise ValueError(f"episodes={episodes} must be >= 1")
+    embeddings = np.asarray(embeddings, np.float32)
+    if len(embeddings) != len(labels):
+        raise ValueError(f"embeddings has {len(embeddings)} rows but labels has {len(labels)}")
+    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    _, members = _class_members(labels)
+    eligible = [classes for classes in _classes_by_group(labels, groups) if len(classes) >= n_way]
+    if not eligible:
+        raise ValueError(f"n_way={n_way} is more than any group holds: at most {max_n_way(labels, groups)} "
+                         "classes with two or more items share a group")
+    rng = np.random.default_rng(seed)
+    accuracies = np.empty(episodes)
+    for episode in range(episodes):
+        classes = rng.choice(eligible[rng.integers(len(eligible))], n_way, replace=False)
+        supports = np.array([members[c][rng.integers(len(members[c]))] for c in classes])
+        queries = np.concatenate([members[c][members[c] != s] for c, s in zip(classes, supports, strict=True)])
+        truth = np.repeat(np.arange(n_way), [len(members[c]) - 1 for c in classes])  # position in `classes`
+        predicted = np.argmax(unit[queries] @ unit[supports].T, axis=1)
+        accuracies[episode] = np.mean(predicted == truth)
+    return float(np.mean(accuracies))
+
+
+def concept_groups(concepts) -> np.ndarray | None:
+    """The group of each concept name for one-shot episodes: the first path component when every name
+    is a path (`Alphabet/character07` -> `Alphabet`, as in Omniglot folders), else None (one group)."""
+    concepts = [str(name) for name in concepts]
+    if not concepts or not all("/" in name for name in concepts):
+        return None
+    return np.asarray([name.split("/", 1)[0] for name in concepts])
+
+
+# ----------------------------------------------------------------------------- embedding a data set
+
+
+def embed_images(embedder, images, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Eval-mode outputs of `embedder` (a `jaxembed.embed.Embedder`) for every item of `images`.
+
+    Args:
+      embedder: the model, e.g. `jaxembed.load(workdir)`.
+      images: a `jaxembed.data.LabelledImages`.
+      batch_size: images per call (the last batch is padded, so one shape is compiled).
+
+    Returns:
+      `embedding` float32 `(N, D)` unit vectors and, for classifier templates, `logits` float32
+      `(N, num_concepts)`, in the order of `images`; an image that fails to decode is left out, so
+      `index` int64 `(N,)` gives each row's position in `images`.
+    """
+    import jax  # imported on use: the metrics above need only NumPy
+
+    from jaxembed import data as data_lib
+
+    apply = jax.jit(embedder.apply_fn)
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in data_lib.eval_batches(images, image_size=embedder.image_size, batch_size=batch_size):
+        real = batch["mask"].astype(bool)
+        outputs = {k: np.asarray(v) for k, v in apply(embedder.variables, batch["image"]).items()}
+        outputs["index"] = batch["index"].astype(np.int64)
+        for name, value in outputs.items():
+            parts.setdefault(name, []).append(value[real])
+    return {name: np.concatenate(value) for name, value in parts.items()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def retrieval_metrics(embeddings: np.ndarray, labels, *, n_way: int = 20, episodes: int = 1000,
+                      seed: int = 0) -> dict[str, float]:
+    """Recall@1/5, MAP@R and N-way one-shot accuracy of labelled embeddings, each where defined.
+
+    Args:
+      embeddings: `(n, d)` unit vectors.
+      labels: `(n,)` concept names (strings); `Alphabet/character` names group the one-shot episodes.
+      n_way: the one-shot episode size wanted; fewer when no group holds that many usable concepts
+        (the key says which: `one_shot_20way`).
+
+    Returns:
+      `num_images`, `num_concepts`, `recall@1`, `recall@5`, `map@r`, `one_shot_<n>way` (the ones the
+      data allow: e.g. no MAP@R when every concept has one image).
+    """
+    labels = np.asarray(labels)
+    class_ids = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    metrics: dict[str, float] = {"num_images": len(labels), "num_concepts": len(np.unique(labels))}
+    if len(labels) >= 2:
+        metrics.update(recall_at_k(embeddings, class_ids))
+    if len(labels) and np.bincount(class_ids).max() >= 2:
+        metrics["map@r"] = map_at_r(embeddings, class_ids)
+    groups = concept_groups(labels)
+    n = min(n_way, max_n_way(labels, groups))
+    if n >= 2:
+        metrics[f"one_shot_{n}way"] = n_way_one_shot_accuracy(embeddings, labels, groups, n_way=n,
+                                                              episodes=episodes, seed=seed)
+    return metrics
+
+
+def classification_metrics(outputs: dict[str, np.ndarray], images, concepts, *, logreg: bool) -> dict[str, float]:
+    """top-1 (softmax, `logreg=False`) or mAP (sigmoid) of a classifier on the images whose concepts
+    it was trained on.
+
+    Args:
+      outputs: `embed_images` outputs with `logits` `(N, len(concepts))` and `index` `(N,)`.
+      images: the `LabelledImages` embedded; their concepts are matched to `concepts` by name.
+      concepts: the model's concept names (index -> name).
+
+    Returns:
+      `num_classified` and `top1` or `mAP`; empty when no image shows only known concepts.
+    """
+    position = {name: i for i, name in enumerate(concepts)}
+    rows, targets = [], []
+    for row, index in enumerate(outputs["index"]):
+        names = [images.concepts[c] for c in images.labels[index]]
+        if all(name in position for name in names):
+            rows.append(row)
+            targets.append([position[name] for name in names])
+    if not rows:
+        return {}
+    logits = outputs["logits"][rows]
+    metrics: dict[str, float] = {"num_classified": len(rows)}
+    if logreg:
+        multi_hot = np.zeros_like(logits)
+        for row, target in enumerate(targets):
+            multi_hot[row, target] = 1.0
+        metrics["mAP"] = mean_average_precision(logits, multi_hot)
+    else:
+        metrics["top1"] = top1_accuracy(logits, np.array([target[0] for target in targets]))
+    return metrics
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """A two-column plain-text table: integers as integers, rates with 4 decimals."""
+    width = max(len("metric"), *(len(name) for name in metrics))
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
+    for name, value in metrics.items():
+        text = str(value) if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"{name:<{width}}  {text:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxembed.evaluate",
+        description="Retrieval (Recall@1/5, MAP@R), N-way one-shot and, for classifiers, top-1/mAP metrics "
+                    "of embedded images. Concept names like Alphabet/character07 make one-shot episodes "
+                    "draw their concepts from one alphabet.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embeddings",
+                        help="an .npz written by `python -m jaxembed.embed` (paths, embeddings, labels)")
+    source.add_argument("--workdir", help="a training workdir; embeds --images with its newest checkpoint")
+    parser.add_argument("--images", help="with --workdir: a folder of concept sub-folders, a manifest, "
+                                         "tfds:NAME[:SPLIT] or 'default'")
+    parser.add_argument("--out", help="also write the metrics as JSON to this file ('-': stdout)")
+    parser.add_argument("--n_way", type=int, default=20, help="one-shot episode size (default 20; fewer when "
+                                                              "no group has that many concepts)")
+    parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64)
+    args = parser.parse_args(argv)
+    if args.workdir and not args.images:
+        parser.error("--workdir needs --images")
+    if args.images and not args.workdir:
+        parser.error("--images needs --workdir (or give --embeddings)")
+    if args.n_way < 2 or args.episodes < 1:
+        parser.error(f"--n_way must be >= 2 and --episodes >= 1 (got {args.n_way}, {args.episodes})")
+
+    try:
+        if args.embeddings:
+            with np.load(args.embeddings) as saved:
+                embeddings, labels = saved["embeddings"], saved["labels"].astype(str)
+            outputs, images, embedder = None, None, None
+        else:
+            import jaxembed
+            from jaxembed import data as data_lib
+
+            embedder = jaxembed.load(args.workdir)
+            images = data_lib.load_source(args.images)
+            outputs = embed_images(embedder, images, batch_size=args.batch_size)
+            embeddings = outputs["embedding"]
+            labels = np.asarray([images.concepts[images.labels[i][0]] for i in outputs["index"]])
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"jaxembed.evaluate: error: {error}", file=sys.stderr)
+        return 1
+    metrics = retrieval_metrics(embeddings, labels, n_way=args.n_way, episodes=args.episodes, seed=args.seed)
+    if f"one_shot_{args.n_way}way" not in metrics:
+        groups = concept_groups(labels)
+        print(f"jaxembed.evaluate: note: {max_n_way(labels, groups)} concepts with two or more images at most "
+              f"{'share an alphabet (first path component)' if groups is not None else 'in all'}, fewer than "
+              f"--n_way {args.n_way}: the one-shot key says the episode size used", file=sys.stderr)
+    if outputs is not None and "logits" in outputs:
+        metrics.update(classification_metrics(outputs, images, embedder.concepts, logreg=bool(embedder.config.logreg)))
+    print(format_table(metrics))
+    if args.out:
+        text = json.dumps(metrics, indent=2)
+        if args.out == "-":
+            print(text)
+        else:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -426,7 +426,7 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
     if data is None:
         data = data_lib.load_source(data_spec, data_dir=options.data_dir, depth=options.depth)
     run = prepare_run(config, options, data)
-    record = {**_run_record(run), "data": data_spec or "default"}
+    record = {**_run_record(run), "data": data_spec or data.source or "default"}
     run_path = os.path.join(workdir, "run.json")
     if os.path.exists(run_path):
         _check_same_run(run_path, record)

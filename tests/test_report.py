@@ -1,0 +1,77 @@
+"""`jaxembed.report`: the pure helpers on small cases, and a PNG + HTML written for a real run."""
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from _tiny_run import tiny_run
+from PIL import Image
+
+from jaxembed import report
+
+pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+def test_pca_2d_finds_the_main_directions():
+    rng = np.random.default_rng(0)
+    # Spread 10 along one direction, 1 along another, nothing in the third: 100 / 101 of the variance.
+    basis = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    points = rng.normal(size=(200, 2)) * [10.0, 1.0] @ basis[:2]
+    projected, explained = report.pca_2d(points + 5.0)
+    assert projected.shape == (200, 2) and projected.dtype == np.float32
+    assert explained[0] == pytest.approx(0.99, abs=0.01) and explained.sum() == pytest.approx(1.0)
+    # The points lie in a plane, so projecting on it keeps every distance.
+    def distances(x):
+        return np.linalg.norm(x[:, None] - x[None], axis=-1)
+
+    np.testing.assert_allclose(distances(projected), distances(points), rtol=1e-4, atol=1e-4)
+
+
+def test_queries_cover_concepts_first_and_neighbours_exclude_the_query():
+    labels = np.array(["a", "a", "a", "b", "b", "c"])  # c has no second image: never a query
+    queries = report.pick_queries(labels, 3, seed=0)
+    assert sorted(labels[queries][:2]) == ["a", "b"] and "c" not in labels[queries]
+    embeddings = np.eye(3)[[0, 0, 1]] + [[0, 0, 0], [0.1, 0, 0], [0, 0, 0]]
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    np.testing.assert_array_equal(report.nearest_others(embeddings, np.array([0, 2]), 2), [[1, 2], [0, 1]])
+
+
+def test_held_out_split_is_recreated(run):
+    images, note = report.heldout_images(run.workdir)
+    recorded = json.loads(pathlib.Path(run.workdir, "run.json").read_text())
+    assert note is None and len(images) == recorded["num_eval_images"] == 18
+
+
+def check_outputs(paths):
+    with Image.open(paths.png) as png:
+        png.load()
+        assert png.size == (1700, 1050)
+        # Not a blank page: many distinct colours (curves, image tiles, green/red frames).
+        assert len(png.convert("RGB").getcolors(1 << 20)) > 100
+    page = pathlib.Path(paths.html).read_text(encoding="utf-8")
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+    assert "Recall@1" in page and "inception_bn" in page
+    assert os.path.getsize(paths.html) > os.path.getsize(paths.png)  # the PNG is inside it
+
+
+def test_report_of_the_held_out_split_from_the_command_line(run, capsys):
+    assert report.main(["--workdir", run.workdir]) == 0
+    paths = report.ReportFiles(*(os.path.join(run.workdir, "report", f"report.{e}") for e in ("png", "html")))
+    assert capsys.readouterr().out.split() == ["wrote", paths.png, "wrote", paths.html]
+    check_outputs(paths)
+    page = pathlib.Path(paths.html).read_text(encoding="utf-8")
+    assert "the run&#x27;s held-out split (18 images)" in page and "Note:" not in page
+
+
+def test_report_of_given_images(run, tmp_path):
+    paths = report.write_report(run.workdir, images_source=run.images, out_dir=str(tmp_path), max_images=40)
+    assert paths == report.ReportFiles(str(tmp_path / "report.png"), str(tmp_path / "report.html"))
+    check_outputs(paths)
+    assert "a random 40" in pathlib.Path(paths.html).read_text(encoding="utf-8")
