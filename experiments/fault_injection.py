@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OMNIGLOT = os.path.join(REPO, "..", "shared", "datasets", "omniglot", "images_background_small1.zip")
 TINY_FLAGS = ["--template", "inception_bn", "--image_size", "32", "--batch_size", "8", "--num_epochs", "3",
               "--init_epochs", "1", "--step_epochs", "1", "--num_items_per_epoch", "32", "--per_item_lrate", "0.002",
-              "--checkpoint_every", "1", "--keep_checkpoints", "2", "--no_progress"]
+              "--checkpoint_every", "1", "--keep_checkpoints", "2", "--log_every", "1", "--no_progress"]
+TOTAL_STEPS = 12  # 3 epochs of 32 images in batches of 8
 
 
 def _env() -> dict:
@@ -42,17 +43,34 @@ def _env() -> dict:
     return env
 
 
-def train(workdir: str, extra: list[str] = (), kill_after: float | None = None) -> tuple[int, str]:
-    """Runs the trainer; with `kill_after`, sends SIGKILL after that many seconds. Returns (exit code, log)."""
+def train(workdir: str, extra: list[str] = (), kill_at_step: int | None = None, delay: float = 0.0) -> tuple[int, str]:
+    """Runs the trainer; with `kill_at_step`, sends SIGKILL `delay` seconds after that step is logged.
+
+    Returns (exit code, output); the exit code is -9 when the kill landed before the run ended.
+    """
     command = [sys.executable, "-m", "jaxembed.train", *TINY_FLAGS, "--workdir", workdir, *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    if kill_after is not None:
-        try:
-            process.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGKILL)
-    output, _ = process.communicate()
-    return process.returncode, output
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env())
+        if kill_at_step is not None:
+            metrics = os.path.join(workdir, "metrics.jsonl")
+            while process.poll() is None:
+                if os.path.exists(metrics) and _last_step(metrics) >= kill_at_step:
+                    time.sleep(delay)  # lands anywhere in the following steps, checkpoint saves included
+                    process.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+        process.wait()
+        log.seek(0)
+        return process.returncode, log.read()
+
+
+def _last_step(metrics_path: str) -> int:
+    with open(metrics_path) as f:
+        lines = [line for line in f if line.strip()]
+    try:
+        return json.loads(lines[-1])["step"] if lines else 0
+    except json.JSONDecodeError:  # a line being written right now
+        return 0
 
 
 def final_params(workdir: str) -> list[np.ndarray]:
@@ -66,28 +84,27 @@ def final_params(workdir: str) -> list[np.ndarray]:
 
 def crash_trials(trials: int, rng: random.Random, root: str) -> dict:
     reference_dir = os.path.join(root, "reference")
-    start = time.perf_counter()
     code, output = train(reference_dir)
-    reference_seconds = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"reference run failed:\n{output[-3000:]}")
     reference = final_params(reference_dir)
     rows = []
     for trial in range(trials):
         workdir = os.path.join(root, f"trial{trial}")
-        kills, killed_at = rng.randint(1, 3), []
-        for _ in range(kills):
-            moment = rng.uniform(0.3, 1.0) * reference_seconds
-            code, output = train(workdir, kill_after=moment)
-            killed_at.append(round(moment, 1) if code == -signal.SIGKILL else None)
+        killed_at = []
+        for _ in range(rng.randint(1, 3)):
+            step, delay = rng.randint(1, TOTAL_STEPS - 1), rng.uniform(0.0, 1.0)
+            code, output = train(workdir, kill_at_step=step, delay=delay)
+            if code == -signal.SIGKILL:
+                killed_at.append(f"step {step} + {delay:.2f} s")
         code, output = train(workdir)  # resume to the end
         equal = code == 0 and all(np.array_equal(a, b) for a, b in zip(reference, final_params(workdir), strict=True))
         fallbacks = output.count("is unreadable")
-        rows.append({"trial": trial, "kills": sum(k is not None for k in killed_at), "killed_at_s": killed_at,
-                     "resumed_ok": code == 0, "params_equal": bool(equal), "checkpoint_fallbacks": fallbacks})
-        print(f"trial {trial}: killed at {killed_at} s, resumed {'ok' if code == 0 else 'FAILED'}, "
+        rows.append({"trial": trial, "kills": len(killed_at), "killed_at": killed_at, "resumed_ok": code == 0,
+                     "params_equal": bool(equal), "checkpoint_fallbacks": fallbacks})
+        print(f"trial {trial}: killed at {killed_at}, resumed {'ok' if code == 0 else 'FAILED'}, "
               f"params {'equal' if equal else 'DIFFERENT'}", flush=True)
-    return {"reference_seconds": reference_seconds, "trials": rows}
+    return {"trials": rows}
 
 
 def bad_corpus(folder: str) -> dict[str, str]:
@@ -146,6 +163,8 @@ def bad_input_run(root: str) -> dict:
     good_total = sum(1 for _, _, files in os.walk(folder) for _ in files) - sum(k == "bad" for k in kinds.values())
     workdir = os.path.join(root, "run")
     code, output = train(workdir, ["--data", folder, "--num_epochs", "1", "--holdout_fraction", "0.2"])
+    if code != 0:
+        raise RuntimeError(f"training on the bad corpus failed:\n{output[-3000:]}")
     with open(os.path.join(workdir, "summary.json")) as f:
         summary = json.load(f)
     named = {os.path.relpath(b["path"], folder) for b in summary["bad_files"]}
