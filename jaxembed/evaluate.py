@@ -39,7 +39,8 @@ def _ranked_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
 
 
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Recall@K: the fraction of items with at least one same-label item among their K nearest others.
+    """Recall@K: the fraction of items with at least one same-label item among their K nearest others,
+    over the items whose label at least one other item has.
 
     Args:
       embeddings: `(n, d)` unit vectors.
@@ -52,8 +53,13 @@ def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] 
     labels = np.asarray(labels)
     if len(labels) < 2:
         raise ValueError(f"recall@k needs at least 2 items, got {len(labels)}")
+    # A query whose label no other item has can never hit: it is left out, as is usual.
+    counts = np.unique(labels, return_inverse=True, return_counts=True)
+    answerable = counts[2][counts[1].reshape(-1)] > 1
+    if not answerable.any():
+        raise ValueError("recall@k needs a label with at least 2 items")
     neighbours = _ranked_neighbours(embeddings, max(ks))
-    hits = labels[neighbours] == labels[:, None]
+    hits = (labels[neighbours] == labels[:, None])[answerable]
     return {f"recall@{k}": float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
 
 
@@ -260,9 +266,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels, *, n_way: int = 20, episod
     labels = np.asarray(labels)
     class_ids = np.unique(labels, return_inverse=True)[1].reshape(-1)
     metrics: dict[str, float] = {"num_images": len(labels), "num_concepts": len(np.unique(labels))}
-    if len(labels) >= 2:
+    if len(labels) and np.bincount(class_ids).max() >= 2:  # retrieval needs a concept seen twice
         metrics.update(recall_at_k(embeddings, class_ids))
-    if len(labels) and np.bincount(class_ids).max() >= 2:
         metrics["map@r"] = map_at_r(embeddings, class_ids)
     groups = concept_groups(labels)
     n = min(n_way, max_n_way(labels, groups))

@@ -309,10 +309,9 @@ def evaluate_run(run: Run, state: TrainState, evaluate_batch) -> dict[str, float
     outputs = embed_split(run, variables, evaluate_batch, run.eval_data)
     labels = np.asarray([item_labels[0] for item_labels in run.eval_data.labels])
     metrics = {"eval/num_images": float(len(labels))}
-    if len(labels) >= 2:
+    if len(labels) >= 2 and np.bincount(labels).max() >= 2:  # retrieval needs a concept seen twice
         metrics.update({f"eval/{k}": v for k, v in evaluate.recall_at_k(outputs["embedding"], labels).items()})
-        if np.bincount(labels).max() >= 2:
-            metrics["eval/map@r"] = evaluate.map_at_r(outputs["embedding"], labels)
+        metrics["eval/map@r"] = evaluate.map_at_r(outputs["embedding"], labels)
     if "logits" in outputs:
         if run.config.logreg:
             targets = np.zeros_like(outputs["logits"])

@@ -59,3 +59,11 @@ def test_blocked_search_equals_brute_force(monkeypatch):
     np.fill_diagonal(sims, -np.inf)
     brute = np.mean(labels[np.argmax(sims, axis=1)] == labels)
     assert full["recall@1"] == pytest.approx(brute)
+
+
+def test_recall_leaves_out_queries_with_no_other_item_of_their_label():
+    embeddings = _unit([0, 10, 100, 200])
+    labels = np.array([0, 0, 1, 2])  # labels 1 and 2 occur once: no query of theirs can hit
+    assert evaluate.recall_at_k(embeddings, labels, ks=(1,))["recall@1"] == 1.0
+    with pytest.raises(ValueError, match="at least 2 items"):
+        evaluate.recall_at_k(embeddings, np.array([0, 1, 2, 3]))
