@@ -109,12 +109,16 @@ def load(workdir: str, *, step: int | None = None) -> Embedder:
     model = train.build_model(config, len(concepts), dtype=train.DTYPES[options.get("dtype", "float32")])
 
     checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(checkpoints) as manager:
+    with ocp.CheckpointManager(checkpoints, item_handlers=ocp.StandardCheckpointHandler()) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints}")
         # The saved TrainState restores as a tree of arrays; only params and batch_stats are kept.
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        # Restore onto one local device whatever device layout (hosts, devices) wrote the checkpoint.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              manager.item_metadata(step))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     variables = jax.tree.map(jnp.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
 
     def apply_fn(variables, images):

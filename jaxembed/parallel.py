@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
@@ -32,6 +33,13 @@ def initialize_distributed(
         )
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES"):
         jax.distributed.initialize()
+    if jax.process_count() > 1 and jax.default_backend() == "cpu":
+        # Gloo connects a device group on its first collective and waits only 30 s for the others;
+        # processes compiling at different speeds miss that. Connect the groups now, while in step.
+        mesh = make_mesh()
+        ones = global_batch({"x": np.ones(jax.local_device_count(), np.float32)}, mesh)["x"]
+        jax.block_until_ready(jax.jit(jax.numpy.sum, out_shardings=replicated(mesh))(ones))
+        multihost_utils.sync_global_devices("jaxembed: connect CPU collectives")
     logging.info(
         "process %d of %d, %d local / %d global devices",
         jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),

@@ -431,7 +431,8 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
         _check_same_run(run_path, record)
     else:
         _write_json(run_path, record)
-        data_lib.save_label_map(run.concepts, os.path.join(workdir, "label_map.json"))
+        if jax.process_index() == 0:  # one writer per shared file
+            data_lib.save_label_map(run.concepts, os.path.join(workdir, "label_map.json"))
     bad_files = [dataclasses.asdict(bad) for bad in data.bad_files]  # the source has logged each by name
 
     init, step_fn, evaluate_batch = compile_steps(run)
