@@ -209,3 +209,10 @@ def test_init_from_pretrained_backbone(digits, tmp_path):
     for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(params["backbone"]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert "classifier" in params  # the head is new, not from the file
+
+
+@pytest.mark.parametrize("name,overrides", [("inception_bn", {"logreg": 0}), ("resnet_angular_margin", {})])
+def test_single_concept_data_is_refused_where_the_loss_needs_two(name, overrides, digits):
+    zeros = digits.subset([i for i, label in enumerate(digits.labels) if label == (0,)]).with_own_concepts()
+    with pytest.raises(ValueError, match=r"needs at least 2 concepts.*has 1: \['0'\]"):
+        train.prepare_run(tiny_config(name, **overrides), OPTIONS, zeros)
