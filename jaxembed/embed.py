@@ -66,7 +66,7 @@ class Embedder:
             chunk = batch[start:start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), chunk.dtype)  # one compiled shape
             padded[:len(chunk)] = chunk
-            outputs = _jitted_apply(self.apply_fn)(self.variables, padded)
+            outputs = self.apply_fn(self.variables, padded)
             parts.append({k: np.asarray(v)[:len(chunk)] for k, v in outputs.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -80,16 +80,6 @@ class Embedder:
             raise ValueError(f"template {self.config.template.name!r} has no classifier; use the embeddings")
         logits = self._outputs(images)["logits"]
         return np.asarray(jax.nn.sigmoid(logits) if self.config.logreg else jax.nn.softmax(logits, axis=-1))
-
-
-_JIT_CACHE: dict[Callable, Callable] = {}
-
-
-def _jitted_apply(apply_fn):
-    # One compiled function per model, shared by every call of an Embedder.
-    if apply_fn not in _JIT_CACHE:
-        _JIT_CACHE[apply_fn] = jax.jit(apply_fn)
-    return _JIT_CACHE[apply_fn]
 
 
 def load(workdir: str, *, step: int | None = None) -> Embedder:
@@ -121,6 +111,7 @@ def load(workdir: str, *, step: int | None = None) -> Embedder:
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     variables = jax.tree.map(jnp.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
 
+    @jax.jit  # compiled once per Embedder and image batch shape; still usable inside the caller's jit
     def apply_fn(variables, images):
         return model.apply(variables, images, train=False)
 
@@ -151,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in tqdm(data_lib.eval_batches(images, image_size=embedder.image_size, batch_size=args.batch_size),
                       desc="embed", unit="batch", total=-(-len(images) // args.batch_size)):
         real = batch["mask"].astype(bool)
-        out = _jitted_apply(embedder.apply_fn)(embedder.variables, batch["image"])
+        out = embedder.apply_fn(embedder.variables, batch["image"])
         vectors.append(np.asarray(out["embedding"])[real])
         for index in batch["index"][real]:
             paths.append(images.item_names[index])
