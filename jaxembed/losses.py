@@ -19,7 +19,8 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS * _EPS))
 
 
-def _as_float(x: jax.Array) -> jax.Array:
+def as_float(x: jax.Array) -> jax.Array:
+    """`x` as float32, or float64 when it already is (the losses compute in this dtype)."""
     x = jnp.asarray(x)
     return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
@@ -45,16 +46,22 @@ def arcface_logits(
     Returns:
       `(batch, num_classes)` float logits.
     """
-    cosine = l2_normalize(_as_float(embeddings), axis=-1) @ l2_normalize(_as_float(centers), axis=0)
+    cosine = l2_normalize(as_float(embeddings), axis=-1) @ l2_normalize(as_float(centers), axis=0)
     one_hot = jax.nn.one_hot(labels, cosine.shape[-1], dtype=cosine.dtype)
     cos_target = jnp.sum(cosine * one_hot, axis=-1)
+    cos_target_new = target_cosine_with_margin(cos_target, margin)
+    cosine = cosine + one_hot * (cos_target_new - cos_target)[:, None]
+    return scale * cosine
+
+
+def target_cosine_with_margin(cos_target: jax.Array, margin: float) -> jax.Array:
+    """`cos(theta + m)` for target cosines `cos(theta)` of any shape, with ArcFace's fallback
+    `cos(theta) - m sin(m)` where theta + m > pi; finite gradients at cos = +-1."""
     sin_target = jnp.sqrt(jnp.clip(1.0 - cos_target * cos_target, _EPS, None))
     cos_with_margin = cos_target * jnp.cos(margin) - sin_target * jnp.sin(margin)
     # theta + m > pi  <=>  theta > pi - m  <=>  cos(theta) < cos(pi - m).
     fallback = cos_target - margin * jnp.sin(margin)
-    cos_target_new = jnp.where(cos_target >= jnp.cos(jnp.pi - margin), cos_with_margin, fallback)
-    cosine = cosine + one_hot * (cos_target_new - cos_target)[:, None]
-    return scale * cosine
+    return jnp.where(cos_target >= jnp.cos(jnp.pi - margin), cos_with_margin, fallback)
 
 
 def arcface_loss(
@@ -91,7 +98,7 @@ def softmax_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
       logits: `(batch, num_classes)`.
       labels: `(batch,)` integer class indices.
     """
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(_as_float(logits), labels))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(as_float(logits), labels))
 
 
 def sigmoid_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -104,6 +111,6 @@ def sigmoid_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
       logits: `(batch, num_concepts)`.
       targets: `(batch, num_concepts)` multi-hot in {0, 1} (or soft targets in [0, 1]).
     """
-    logits = _as_float(logits)
+    logits = as_float(logits)
     per_concept = optax.sigmoid_binary_cross_entropy(logits, targets.astype(logits.dtype))
     return jnp.mean(jnp.sum(per_concept, axis=-1))

@@ -92,24 +92,6 @@ def tree_shardings(tree, mesh: Mesh, *, centers_key: str = "centers"):
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
 
-def _as_float(x: jax.Array) -> jax.Array:
-    # As in jaxembed.losses: compute in float32, or float64 when given float64.
-    x = jnp.asarray(x)
-    return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
-
-
-def target_cosine_with_margin(cos_target: jax.Array, margin: float) -> jax.Array:
-    """`cos(theta + m)` for each row's target cosine, with ArcFace's fallback past theta = pi - m.
-
-    The formula of `jaxembed.losses.arcface_logits` (same clipping constant), on `(batch,)` target
-    cosines only: cos(theta + m) if theta + m <= pi, else cos(theta) - m sin(m).
-    """
-    sin_target = jnp.sqrt(jnp.clip(1.0 - cos_target * cos_target, losses._EPS, None))
-    cos_with_margin = cos_target * jnp.cos(margin) - sin_target * jnp.sin(margin)
-    fallback = cos_target - margin * jnp.sin(margin)
-    return jnp.where(cos_target >= jnp.cos(jnp.pi - margin), cos_with_margin, fallback)
-
-
 def sharded_arcface_loss(
     embeddings: jax.Array, centers: jax.Array, labels: jax.Array, *, scale: float, margin: float, mesh: Mesh,
     valid_classes: int | None = None,
@@ -142,13 +124,13 @@ def sharded_arcface_loss(
     constrain = jax.lax.with_sharding_constraint
     rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     # Normalising the centres is per class (over embed_dim), so it stays local to each class shard.
-    unit_centers = losses.l2_normalize(constrain(_as_float(centers), centers_sharding(mesh)), axis=0)
-    cosine = constrain(losses.l2_normalize(_as_float(embeddings), axis=-1) @ unit_centers, logits_sharding(mesh))
+    unit_centers = losses.l2_normalize(constrain(losses.as_float(centers), centers_sharding(mesh)), axis=0)
+    cosine = constrain(losses.l2_normalize(losses.as_float(embeddings), axis=-1) @ unit_centers, logits_sharding(mesh))
     # Which column is each row's class, from global class indices (iota is partitioned like cosine).
     classes = jax.lax.broadcasted_iota(jnp.int32, cosine.shape, 1)
     is_target = classes == constrain(labels.astype(jnp.int32), rows)[:, None]
     cos_target = jnp.sum(jnp.where(is_target, cosine, 0.0), axis=-1)  # (batch,): an all-reduce over model
-    target_logit = scale * target_cosine_with_margin(cos_target, margin)
+    target_logit = scale * losses.target_cosine_with_margin(cos_target, margin)
     logits = jnp.where(is_target, target_logit[:, None], scale * cosine)
     if valid_classes is not None:
         logits = jnp.where(classes < valid_classes, logits, -jnp.inf)
