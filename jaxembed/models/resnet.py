@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxembed.models import grouped_conv as grouped_conv_lib
+
 FEATURE_DIM = 2048  # 512 planes * bottleneck expansion 4
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -51,15 +53,21 @@ def _batch_norm(train: bool, dtype: Any, name: str, scale_init=nn.initializers.o
 
 
 def _conv(
-    features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str, groups: int = 1
+    features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str, groups: int = 1,
+    grouped_impl: str = "auto",
 ) -> nn.Conv:
-    """Bias-free conv with explicit symmetric padding (torch semantics, unlike "SAME")."""
+    """Bias-free conv with explicit symmetric padding (torch semantics, unlike "SAME").
+
+    `grouped_impl` picks how a grouped conv is computed (see `grouped_conv_lib.for_backend`);
+    the parameters are the same either way.
+    """
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         feature_group_count=groups,
+        conv_general_dilated=grouped_conv_lib.for_backend(grouped_impl) if groups > 1 else None,
         use_bias=False,
         kernel_init=_conv_init,
         dtype=dtype,
@@ -79,6 +87,7 @@ class Bottleneck(nn.Module):
     groups: int = 1
     base_width: int = 64
     zero_init_residual: bool = True
+    grouped_conv: str = "auto"
     dtype: Any = jnp.float32
 
     expansion = 4
@@ -94,7 +103,9 @@ class Bottleneck(nn.Module):
 
         y = _conv(width, 1, 1, 0, self.dtype, "conv1")(x)
         y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-        y = _conv(width, 3, self.stride, 1, self.dtype, "conv2", groups=self.groups)(y)
+        y = _conv(
+            width, 3, self.stride, 1, self.dtype, "conv2", groups=self.groups, grouped_impl=self.grouped_conv
+        )(y)
         y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
         y = _conv(out_channels, 1, 1, 0, self.dtype, "conv3")(y)
         y = _batch_norm(train, self.dtype, "bn3", scale_init=last_scale_init)(y)
@@ -116,6 +127,8 @@ class ResNet(nn.Module):
       num_classes: if set, a Dense `classifier` maps pooled features to logits.
       zero_init_residual: zero-init the last BN scale of each block (init only).
       remat: recompute each block's activations in the backward pass.
+      grouped_conv: "auto" (one conv per group on CPU, XLA's grouped conv elsewhere),
+        "native" or "split"; see `grouped_conv.py`. Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 2048) float32
@@ -128,6 +141,7 @@ class ResNet(nn.Module):
     num_classes: int | None = None
     zero_init_residual: bool = True
     remat: bool = False
+    grouped_conv: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -148,6 +162,7 @@ class ResNet(nn.Module):
                     groups=self.groups,
                     base_width=self.base_width,
                     zero_init_residual=self.zero_init_residual,
+                    grouped_conv=self.grouped_conv,
                     dtype=self.dtype,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)
