@@ -1,12 +1,12 @@
 """Tests of jaxembed.models.pretrained: PyTorch state dicts -> Flax variables.
 
 With torch and torchvision installed (`pip install -e '.[torch]'`), randomly
-initialised torchvision models, and a small torch reference of the
-BN-Inception port, are saved to files with randomised BatchNorm statistics and
-affine parameters, imported, and must give the same logits in eval mode. Those
-tests skip without torch. The others need NumPy only: names and shapes of the
-port, the layout of grouped convs against a NumPy version of torch's conv2d,
-error messages, .safetensors files, and merge_backbone.
+initialised torchvision models, and a torch reference of the BN-Inception port
+(experiments/torch_reference.py), are saved to files with randomised BatchNorm
+statistics and affine parameters, imported, and must give the same logits in
+eval mode. Those tests skip without torch. The others need NumPy only: names
+and shapes of the port, the layout of grouped convs against a NumPy version of
+torch's conv2d, error messages, .safetensors files, and merge_backbone.
 
 torchvision runs in a fresh interpreter (this file run as a script): it imports
 triton, which segfaults in a process that already loaded TensorFlow, as the
@@ -52,6 +52,8 @@ IMAGE_SIZE = 64
 # this file quick on CPU. resnext101_32x8d is the resnext template's default backbone.
 LOGITS_ARCHS = ("resnet50", "resnext50_32x4d", "resnext101_32x8d")
 CONVERTER = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "convert_weights.py"
+# The torch BN-Inception port (imports torch, not torchvision).
+TORCH_REFERENCE = CONVERTER.parent / "torch_reference.py"
 
 
 def _random_state_dict(arch: str, num_classes: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -355,80 +357,12 @@ def test_logits_match_torchvision(arch, torchvision_references):
         assert _relative_error(features, expected["features"]) <= 1e-4
 
 
-# The port's blocks (Cadene's pretrainedmodels `bninception`), in order:
-# (name, 1x1, 3x3_reduce, 3x3, double_3x3_reduce, double_3x3, pool_proj); 1x1 = pool_proj = 0 in the
-# reduction blocks, whose 3x3 convs have stride 2 and whose pool (3x3/2 max) is not projected.
-PORT_BLOCKS = (
-    ("inception_3a", 64, 64, 64, 64, 96, 32),
-    ("inception_3b", 64, 64, 96, 64, 96, 64),
-    ("inception_3c", 0, 128, 160, 64, 96, 0),
-    ("inception_4a", 224, 64, 96, 96, 128, 128),
-    ("inception_4b", 192, 96, 128, 96, 128, 128),
-    ("inception_4c", 160, 128, 160, 128, 160, 128),
-    ("inception_4d", 96, 128, 192, 160, 192, 128),
-    ("inception_4e", 0, 128, 192, 192, 256, 0),
-    ("inception_5a", 352, 192, 320, 160, 224, 128),
-    ("inception_5b", 352, 192, 320, 192, 224, 128),
-)
-
-
 def _bn_inception_port(num_classes: int):
-    """A torch module with the BN-Inception port's names, layers and forward pass.
-
-    Like the port: biased convs, each followed by BatchNorm2d (eps 1e-5) and ReLU; ceil_mode max
-    pools; 3x3/1 average pools counting padding, except a max pool in inception_5b. Unlike it, a
-    global average pool replaces the fixed 7x7 one so that it runs at 64 px.
-    """
-    functional = torch.nn.functional
-
-    class Port(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self._conv("conv1_7x7_s2", 3, 64, kernel=7, stride=2)
-            self._conv("conv2_3x3_reduce", 64, 64)
-            self._conv("conv2_3x3", 64, 192, kernel=3)
-            channels = 192
-            for name, c1x1, r3x3, c3x3, rdouble, cdouble, proj in PORT_BLOCKS:
-                stride = 1 if c1x1 else 2
-                if c1x1:
-                    self._conv(f"{name}_1x1", channels, c1x1)
-                self._conv(f"{name}_3x3_reduce", channels, r3x3)
-                self._conv(f"{name}_3x3", r3x3, c3x3, kernel=3, stride=stride)
-                self._conv(f"{name}_double_3x3_reduce", channels, rdouble)
-                self._conv(f"{name}_double_3x3_1", rdouble, cdouble, kernel=3)
-                self._conv(f"{name}_double_3x3_2", cdouble, cdouble, kernel=3, stride=stride)
-                if proj:
-                    self._conv(f"{name}_pool_proj", channels, proj)
-                channels = c1x1 + c3x3 + cdouble + (proj or channels)
-            self.last_linear = torch.nn.Linear(channels, num_classes)
-
-        def _conv(self, name, cin, cout, kernel=1, stride=1):
-            setattr(self, name, torch.nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2))
-            setattr(self, f"{name}_bn", torch.nn.BatchNorm2d(cout, eps=1e-5))
-
-        def _run(self, name, x):
-            return functional.relu(getattr(self, f"{name}_bn")(getattr(self, name)(x)))
-
-        def forward(self, x):
-            x = functional.max_pool2d(self._run("conv1_7x7_s2", x), 3, 2, ceil_mode=True)
-            x = self._run("conv2_3x3", self._run("conv2_3x3_reduce", x))
-            x = functional.max_pool2d(x, 3, 2, ceil_mode=True)
-            for name, c1x1, _, _, _, _, proj in PORT_BLOCKS:
-                branches = [self._run(f"{name}_1x1", x)] if c1x1 else []
-                branches.append(self._run(f"{name}_3x3", self._run(f"{name}_3x3_reduce", x)))
-                y = self._run(f"{name}_double_3x3_1", self._run(f"{name}_double_3x3_reduce", x))
-                branches.append(self._run(f"{name}_double_3x3_2", y))
-                if not proj:
-                    branches.append(functional.max_pool2d(x, 3, 2, ceil_mode=True))
-                elif name == "inception_5b":
-                    branches.append(self._run(f"{name}_pool_proj", functional.max_pool2d(x, 3, 1, 1, ceil_mode=True)))
-                else:
-                    y = functional.avg_pool2d(x, 3, 1, 1, ceil_mode=True, count_include_pad=True)
-                    branches.append(self._run(f"{name}_pool_proj", y))
-                x = torch.cat(branches, dim=1)
-            return self.last_linear(functional.adaptive_avg_pool2d(x, 1).flatten(1))
-
-    return Port()
+    """The torch BN-Inception port (experiments/torch_reference.py, shared with the benchmark)."""
+    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
+    torch_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_reference)
+    return torch_reference.BNInceptionPort(num_classes)
 
 
 @requires_torch
