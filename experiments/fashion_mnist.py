@@ -58,18 +58,18 @@ _UBYTE = 0x08
 # The rows: template, flags, and the training budget (num_epochs, num_items_per_epoch). A training image
 # at 32 px, batch 32, costs about 15 ms of CPU time for inception_bn, 17 ms for resnext50_32x4d and
 # 33 ms for resnet50 (measured on the 2-core development machine, data pipeline included), so on 2 idle
-# cores (~100, ~90 and ~50 images/s) each row trains in about 15 minutes plus 2-4 minutes of loading,
+# cores (~100, ~90 and ~50 images/s) each row trains in about 8-9 minutes plus 2-4 minutes of loading,
 # compiling and evaluating. The learning rates follow experiments/omniglot.py.
 SETTINGS = {
-    "inception_bn_softmax": ("inception_bn", ["--logreg", "0", "--per_item_lrate", "0.001"], (6, 16_000)),
-    "inception_bn_sigmoid": ("inception_bn", ["--logreg", "1", "--per_item_lrate", "0.001"], (6, 16_000)),
+    "inception_bn_softmax": ("inception_bn", ["--logreg", "0", "--per_item_lrate", "0.001"], (5, 10_000)),
+    "inception_bn_sigmoid": ("inception_bn", ["--logreg", "1", "--per_item_lrate", "0.001"], (5, 10_000)),
     "resnext_softmax": ("resnext", ["--arch", "resnext50_32x4d", "--logreg", "0", "--per_item_lrate", "0.001"],
-                        (6, 12_000)),
+                        (5, 9_000)),
     "resnext_sigmoid": ("resnext", ["--arch", "resnext50_32x4d", "--logreg", "1", "--per_item_lrate", "0.001"],
-                        (6, 12_000)),
+                        (5, 9_000)),
     "resnet_arcface": ("resnet_angular_margin",
                        ["--arch", "resnet50", "--embeddings_size", "128", "--angular_scale", "32",
-                        "--angular_margin", "0.3", "--per_item_lrate", "0.0005"], (6, 8_000)),
+                        "--angular_margin", "0.3", "--per_item_lrate", "0.0005"], (5, 5_000)),
 }
 BASELINE = "raw_pixels"
 
