@@ -1,0 +1,136 @@
+"""Grouped convolutions on XLA:CPU: the native form against jaxembed's CPU form, in one process.
+
+    python experiments/grouped_conv_speed.py [--image_size 64] [--batch_size 8]
+
+1. Each ResNeXt-50 32x4d grouped 3x3 layer shape alone (batch, 56/28/14/7 px, 32 groups): forward,
+   input-gradient and kernel-gradient milliseconds, native `lax.conv_general_dilated` against
+   `grouped_conv.grouped_conv_split_kernel_grad`.
+2. The whole ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
+   grouped_conv="native" (what jaxembed did before) against "split_kernel_grad" (the CPU default),
+   with compile times.
+Times are the best of --repeats calls. Writes experiments/results/grouped_conv_speed.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxembed.models import grouped_conv, resnet
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (spatial size, channels) of the grouped 3x3 convs of ResNeXt-50 32x4d at 224 px, one per stage.
+LAYER_SHAPES = ((56, 128), (28, 256), (14, 512), (7, 1024))
+GROUPS = 32
+FORMS = {"native": lax.conv_general_dilated, "split_kernel_grad": grouped_conv.grouped_conv_split_kernel_grad}
+
+
+def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
+    """(first call incl. compilation, best of `repeats` later calls) in seconds."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return first, best
+
+
+def layer_rows(batch_size: int, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for size, channels in LAYER_SHAPES:
+        x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
+        w = jnp.asarray(rng.standard_normal((3, 3, channels // GROUPS, channels), np.float32) * 0.05)
+        row = {"shape": f"{batch_size}x{size}x{size}x{channels}"}
+        for name, conv in FORMS.items():
+            def apply(x, w, conv=conv):
+                return conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                            feature_group_count=GROUPS)
+
+            def loss(x, w, apply=apply):
+                return jnp.sum(apply(x, w) ** 2)
+
+            row[name] = {
+                label: 1000 * best_seconds(jax.jit(fn), x, w, repeats=repeats)[1]
+                for label, fn in (("forward_ms", apply), ("input_grad_ms", jax.grad(loss, 0)),
+                                  ("kernel_grad_ms", jax.grad(loss, 1)))
+            }
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
+    images = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, image_size, image_size, 3), np.float32))
+    rows = []
+    for name in FORMS:
+        model = resnet.ResNeXt50_32x4d(num_classes=10, grouped_conv=name)
+        variables = model.init(jax.random.key(0), images)
+
+        def loss(params, model=model, variables=variables):
+            logits, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+            return jnp.sum(logits**2)
+
+        grad_first, grad_best = best_seconds(jax.jit(jax.grad(loss)), variables["params"], repeats=repeats)
+        forward = jax.jit(lambda variables, model=model: model.apply(variables, images))
+        forward_first, forward_best = best_seconds(forward, variables, repeats=repeats)
+        row = {"grouped_conv": name, "train_grad_images_per_s": batch_size / grad_best,
+               "forward_images_per_s": batch_size / forward_best,
+               "train_compile_and_first_s": grad_first, "forward_compile_and_first_s": forward_first}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [f"`{report['command']}`", "", "| layer (NHWC, 32 groups) | form | forward ms | input grad ms | kernel grad ms |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in report["layers"]:
+        for name in FORMS:
+            t = row[name]
+            lines.append(f"| {row['shape']} | {name} | {t['forward_ms']:.1f} | {t['input_grad_ms']:.1f} | "
+                         f"{t['kernel_grad_ms']:.1f} |")
+    lines += ["", f"ResNeXt-50 32x4d, {report['image_size']} px, batch {report['batch_size']}:", "",
+              "| grouped_conv | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
+              "| --- | --- | --- | --- |"]
+    for row in report["network"]:
+        lines.append(f"| {row['grouped_conv']} | {row['train_grad_images_per_s']:.2f} | "
+                     f"{row['forward_images_per_s']:.1f} | {row['train_compile_and_first_s']:.1f} / "
+                     f"{row['forward_compile_and_first_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "grouped_conv_speed"))
+    args = parser.parse_args()
+    report = {
+        "command": "python experiments/grouped_conv_speed.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
+        "image_size": args.image_size, "batch_size": args.batch_size, "backend": jax.default_backend(),
+        "layers": layer_rows(args.batch_size, args.repeats),
+        "network": network_rows(args.image_size, args.batch_size, args.repeats),
+    }
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    table = markdown(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
