@@ -4,10 +4,10 @@
 
 1. Each ResNeXt-50 32x4d grouped 3x3 layer shape alone (batch, 56/28/14/7 px, 32 groups): forward,
    input-gradient and kernel-gradient milliseconds, native `lax.conv_general_dilated` against
-   `grouped_conv.grouped_conv_split_kernel_grad`.
+   `conv_forms.grouped_conv_split_kernel_grad`.
 2. The whole ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
-   grouped_conv="native" (what jaxembed did before) against "split_kernel_grad" (the CPU default),
-   with compile times.
+   conv_impl="native" (XLA's convolutions, what jaxembed did before) against "cpu" (the CPU default:
+   this grouped form, and 1x1 convolutions as matrix products), with compile times.
 Times are the best of --repeats calls. Writes experiments/results/grouped_conv_speed.{md,json}.
 """
 
@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxembed.models import grouped_conv, resnet
+from jaxembed.models import conv_forms, resnet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # (spatial size, channels) of the grouped 3x3 convs of ResNeXt-50 32x4d at 224 px, one per stage.
 LAYER_SHAPES = ((56, 128), (28, 256), (14, 512), (7, 1024))
 GROUPS = 32
-FORMS = {"native": lax.conv_general_dilated, "split_kernel_grad": grouped_conv.grouped_conv_split_kernel_grad}
+FORMS = {"native": lax.conv_general_dilated, "cpu": conv_forms.grouped_conv_split_kernel_grad}
+NETWORK_IMPLS = ("native", "cpu")
 
 
 def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -73,8 +74,8 @@ def layer_rows(batch_size: int, repeats: int) -> list[dict]:
 def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, image_size, image_size, 3), np.float32))
     rows = []
-    for name in FORMS:
-        model = resnet.ResNeXt50_32x4d(num_classes=10, grouped_conv=name)
+    for name in NETWORK_IMPLS:
+        model = resnet.ResNeXt50_32x4d(num_classes=10, conv_impl=name)
         variables = model.init(jax.random.key(0), images)
 
         def loss(params, model=model, variables=variables):
@@ -84,7 +85,7 @@ def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
         grad_first, grad_best = best_seconds(jax.jit(jax.grad(loss)), variables["params"], repeats=repeats)
         forward = jax.jit(lambda variables, model=model: model.apply(variables, images))
         forward_first, forward_best = best_seconds(forward, variables, repeats=repeats)
-        row = {"grouped_conv": name, "train_grad_images_per_s": batch_size / grad_best,
+        row = {"conv_impl": name, "train_grad_images_per_s": batch_size / grad_best,
                "forward_images_per_s": batch_size / forward_best,
                "train_compile_and_first_s": grad_first, "forward_compile_and_first_s": forward_first}
         rows.append(row)
@@ -101,10 +102,10 @@ def markdown(report: dict) -> str:
             lines.append(f"| {row['shape']} | {name} | {t['forward_ms']:.1f} | {t['input_grad_ms']:.1f} | "
                          f"{t['kernel_grad_ms']:.1f} |")
     lines += ["", f"ResNeXt-50 32x4d, {report['image_size']} px, batch {report['batch_size']}:", "",
-              "| grouped_conv | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
+              "| conv_impl | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
               "| --- | --- | --- | --- |"]
     for row in report["network"]:
-        lines.append(f"| {row['grouped_conv']} | {row['train_grad_images_per_s']:.2f} | "
+        lines.append(f"| {row['conv_impl']} | {row['train_grad_images_per_s']:.2f} | "
                      f"{row['forward_images_per_s']:.1f} | {row['train_compile_and_first_s']:.1f} / "
                      f"{row['forward_compile_and_first_s']:.1f} |")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxembed.models import conv_forms
+
 FEATURE_DIM = 1024
 
 
@@ -42,6 +44,7 @@ class ConvBNReLU(nn.Module):
     kernel: int = 1
     stride: int = 1
     padding: int = 0
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -53,6 +56,7 @@ class ConvBNReLU(nn.Module):
             strides=(self.stride, self.stride),
             padding=(pad, pad),  # explicit and symmetric, like torch
             use_bias=True,
+            conv_general_dilated=conv_forms.select(self.conv_impl),
             dtype=self.dtype,
             param_dtype=jnp.float32,
             name="conv",
@@ -98,6 +102,7 @@ class InceptionBlock(nn.Module):
     """
 
     spec: InceptionSpec
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -109,7 +114,8 @@ class InceptionBlock(nn.Module):
 
         def conv(features, name, kernel=1, stride=1):
             return ConvBNReLU(
-                features, kernel=kernel, stride=stride, padding=kernel // 2, dtype=self.dtype, name=name
+                features, kernel=kernel, stride=stride, padding=kernel // 2, conv_impl=self.conv_impl,
+                dtype=self.dtype, name=name,
             )
 
         branches = []
@@ -158,6 +164,8 @@ class InceptionBN(nn.Module):
     Attributes:
       num_classes: if set, a Dense `last_linear` maps pooled features to logits.
       remat: recompute each inception block's activations in the backward pass.
+      conv_impl: "auto" (on CPU the faster forms of `conv_forms`, elsewhere XLA's convolutions),
+        "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 1024) float32
@@ -166,20 +174,22 @@ class InceptionBN(nn.Module):
 
     num_classes: int | None = None
     remat: bool = False
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(InceptionBlock, static_argnums=(2,)) if self.remat else InceptionBlock
 
-        x = ConvBNReLU(64, kernel=7, stride=2, padding=3, dtype=self.dtype, name="conv1_7x7_s2")(x, train)
+        x = ConvBNReLU(64, kernel=7, stride=2, padding=3, conv_impl=self.conv_impl, dtype=self.dtype,
+                       name="conv1_7x7_s2")(x, train)
         x = _max_pool_s2(x)
-        x = ConvBNReLU(64, dtype=self.dtype, name="conv2_3x3_reduce")(x, train)
-        x = ConvBNReLU(192, kernel=3, padding=1, dtype=self.dtype, name="conv2_3x3")(x, train)
+        x = ConvBNReLU(64, conv_impl=self.conv_impl, dtype=self.dtype, name="conv2_3x3_reduce")(x, train)
+        x = ConvBNReLU(192, kernel=3, padding=1, conv_impl=self.conv_impl, dtype=self.dtype, name="conv2_3x3")(x, train)
         x = _max_pool_s2(x)
 
         for name, spec in INCEPTION_BLOCKS:
-            x = block_cls(spec=spec, dtype=self.dtype, name=name)(x, train)
+            x = block_cls(spec=spec, conv_impl=self.conv_impl, dtype=self.dtype, name=name)(x, train)
 
         # Global average pooling in float32 (any input size; accurate under bfloat16).
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))

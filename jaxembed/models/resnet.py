@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxembed.models import grouped_conv as grouped_conv_lib
+from jaxembed.models import conv_forms
 
 FEATURE_DIM = 2048  # 512 planes * bottleneck expansion 4
 
@@ -54,12 +54,12 @@ def _batch_norm(train: bool, dtype: Any, name: str, scale_init=nn.initializers.o
 
 def _conv(
     features: int, kernel: int, stride: int, padding: int, dtype: Any, name: str, groups: int = 1,
-    grouped_impl: str = "auto",
+    conv_impl: str = "auto",
 ) -> nn.Conv:
     """Bias-free conv with explicit symmetric padding (torch semantics, unlike "SAME").
 
-    `grouped_impl` picks how a grouped conv is computed (see `grouped_conv_lib.for_backend`);
-    the parameters are the same either way.
+    `conv_impl` picks how the convolution is computed (see `conv_forms.select`); the parameters
+    are the same either way.
     """
     return nn.Conv(
         features,
@@ -67,7 +67,7 @@ def _conv(
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         feature_group_count=groups,
-        conv_general_dilated=grouped_conv_lib.for_backend(grouped_impl) if groups > 1 else None,
+        conv_general_dilated=conv_forms.select(conv_impl, groups=groups),
         use_bias=False,
         kernel_init=_conv_init,
         dtype=dtype,
@@ -87,7 +87,7 @@ class Bottleneck(nn.Module):
     groups: int = 1
     base_width: int = 64
     zero_init_residual: bool = True
-    grouped_conv: str = "auto"
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     expansion = 4
@@ -101,18 +101,17 @@ class Bottleneck(nn.Module):
         # identity, which helps large-batch training (Goyal et al. 2017).
         last_scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
 
-        y = _conv(width, 1, 1, 0, self.dtype, "conv1")(x)
+        conv = functools.partial(_conv, dtype=self.dtype, conv_impl=self.conv_impl)
+        y = conv(width, 1, 1, 0, name="conv1")(x)
         y = nn.relu(_batch_norm(train, self.dtype, "bn1")(y))
-        y = _conv(
-            width, 3, self.stride, 1, self.dtype, "conv2", groups=self.groups, grouped_impl=self.grouped_conv
-        )(y)
+        y = conv(width, 3, self.stride, 1, name="conv2", groups=self.groups)(y)
         y = nn.relu(_batch_norm(train, self.dtype, "bn2")(y))
-        y = _conv(out_channels, 1, 1, 0, self.dtype, "conv3")(y)
+        y = conv(out_channels, 1, 1, 0, name="conv3")(y)
         y = _batch_norm(train, self.dtype, "bn3", scale_init=last_scale_init)(y)
 
         shortcut = x
         if self.stride != 1 or x.shape[-1] != out_channels:
-            shortcut = _conv(out_channels, 1, self.stride, 0, self.dtype, "downsample_conv")(x)
+            shortcut = conv(out_channels, 1, self.stride, 0, name="downsample_conv")(x)
             shortcut = _batch_norm(train, self.dtype, "downsample_bn")(shortcut)
         return nn.relu(y + shortcut)
 
@@ -127,8 +126,8 @@ class ResNet(nn.Module):
       num_classes: if set, a Dense `classifier` maps pooled features to logits.
       zero_init_residual: zero-init the last BN scale of each block (init only).
       remat: recompute each block's activations in the backward pass.
-      grouped_conv: "auto" (one conv per group on CPU, XLA's grouped conv elsewhere),
-        "native" or "split"; see `grouped_conv.py`. Same parameters and outputs either way.
+      conv_impl: "auto" (on CPU the faster forms of `conv_forms`, elsewhere XLA's convolutions),
+        "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 2048) float32
@@ -141,14 +140,14 @@ class ResNet(nn.Module):
     num_classes: int | None = None
     zero_init_residual: bool = True
     remat: bool = False
-    grouped_conv: str = "auto"
+    conv_impl: str = "auto"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
 
-        x = _conv(64, 7, 2, 3, self.dtype, "stem_conv")(x)
+        x = _conv(64, 7, 2, 3, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
         x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
@@ -162,7 +161,7 @@ class ResNet(nn.Module):
                     groups=self.groups,
                     base_width=self.base_width,
                     zero_init_residual=self.zero_init_residual,
-                    grouped_conv=self.grouped_conv,
+                    conv_impl=self.conv_impl,
                     dtype=self.dtype,
                     name=f"stage{stage + 1}_block{block}",
                 )(x, train)

@@ -1,4 +1,4 @@
-"""The CPU path for grouped convolutions equals XLA's grouped convolution, values and gradients."""
+"""The CPU forms of convolutions equal XLA's convolutions, in values and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxembed.models import grouped_conv, resnet
+from jaxembed.models import conv_forms, inception_bn, resnet
 
 
 def _native(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
@@ -19,12 +19,12 @@ def _native(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None
 
 
 def _split(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
-    return grouped_conv.split_grouped_conv(x, w, strides, padding, rhs_dilation=rhs_dilation,
+    return conv_forms.split_grouped_conv(x, w, strides, padding, rhs_dilation=rhs_dilation,
                                            dimension_numbers=dimension_numbers, feature_group_count=groups)
 
 
 def _split_kernel_grad(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
-    return grouped_conv.grouped_conv_split_kernel_grad(
+    return conv_forms.grouped_conv_split_kernel_grad(
         x, w, strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
         feature_group_count=groups)
 
@@ -60,16 +60,17 @@ def test_cpu_forms_equal_native_values_and_gradients(groups, in_per_group, out_p
         np.testing.assert_allclose(split, native, rtol=1e-4, atol=1e-4)
 
 
-def test_resnext_is_the_same_function_with_either_implementation():
+@pytest.mark.parametrize("constructor", [resnet.ResNeXt50_32x4d, inception_bn.InceptionBN], ids=["resnext50", "inception_bn"])
+def test_networks_are_the_same_function_with_either_implementation(constructor):
     """Whole-network values and gradients in train mode.
 
     Computed in float64: batch norm over a batch of 2 at 1x1 spatial size amplifies float32
     rounding by orders of magnitude, which would hide what is compared here.
     """
     with jax.enable_x64(True):
-        x = np.random.default_rng(0).standard_normal((2, 32, 32, 3))
-        native = resnet.ResNeXt50_32x4d(num_classes=5, grouped_conv="native", dtype=jnp.float64)
-        split = resnet.ResNeXt50_32x4d(num_classes=5, grouped_conv="split_kernel_grad", dtype=jnp.float64)
+        x = np.random.default_rng(0).standard_normal((2, 48, 48, 3))
+        native = constructor(num_classes=5, conv_impl="native", dtype=jnp.float64)
+        split = constructor(num_classes=5, conv_impl="cpu", dtype=jnp.float64)
         variables = native.init(jax.random.key(0), x)
         # Same parameter tree: checkpoints and imported weights do not depend on the choice.
         assert jax.tree.structure(split.init(jax.random.key(0), x)) == jax.tree.structure(variables)
@@ -87,18 +88,59 @@ def test_resnext_is_the_same_function_with_either_implementation():
         np.testing.assert_allclose(split_leaf, native_leaf, rtol=1e-7, atol=1e-10)
 
 
-def test_auto_splits_the_kernel_gradient_on_cpu_only():
-    cpu_form = grouped_conv.grouped_conv_split_kernel_grad
-    assert grouped_conv.for_backend("auto", backend="cpu") is cpu_form
-    assert grouped_conv.for_backend("auto", backend="gpu") is None
-    assert grouped_conv.for_backend("auto", backend="tpu") is None
-    assert grouped_conv.for_backend("native", backend="cpu") is None
-    assert grouped_conv.for_backend("split_kernel_grad", backend="tpu") is cpu_form
+def test_auto_uses_the_cpu_forms_on_cpu_only():
+    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.grouped_conv_split_kernel_grad
+    assert conv_forms.select("auto", backend="cpu") is conv_forms.pointwise_conv_as_matmul
+    for backend in ("gpu", "tpu"):
+        assert conv_forms.select("auto", groups=32, backend=backend) is None
+        assert conv_forms.select("auto", backend=backend) is None
+    assert conv_forms.select("native", groups=32, backend="cpu") is None
+    assert conv_forms.select("cpu", backend="tpu") is conv_forms.pointwise_conv_as_matmul
 
 
 def test_unknown_implementation_is_named():
-    with pytest.raises(ValueError, match="grouped_conv='fast'.*auto, native, split_kernel_grad"):
-        grouped_conv.for_backend("fast")
+    with pytest.raises(ValueError, match="conv_impl='fast'.*auto, native, cpu"):
+        conv_forms.select("fast")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW")])
+def test_pointwise_as_matmul_equals_the_convolution(stride, layout):
+    rng = np.random.default_rng(stride)
+    lhs_layout, rhs_layout, _ = layout
+    x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)  # NHWC
+    w = rng.standard_normal((1, 1, 5, 3)).astype(np.float32)  # HWIO
+    x = x.transpose([("NHWC").index(axis) for axis in lhs_layout])
+    w = w.transpose([("HWIO").index(axis) for axis in rhs_layout])
+    args = ((stride, stride), ((0, 0), (0, 0)), None, None, layout)
+    expected = lax.conv_general_dilated(x, w, *args)
+    actual = conv_forms.pointwise_conv_as_matmul(x, w, *args)
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    cotangent = rng.standard_normal(expected.shape).astype(np.float32)
+    grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w)
+             for f in (lax.conv_general_dilated, conv_forms.pointwise_conv_as_matmul)]
+    for native, matmul in zip(*grads):
+        np.testing.assert_allclose(matmul, native, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, ((1, 1), (1, 1))), (1, ((1, 0), (0, 0))), (1, "SAME")])
+def test_pointwise_form_passes_other_convolutions_to_xla(kernel, padding):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 4)), jnp.float32)
+    w = jnp.ones((kernel, kernel, 4, 2))
+    args = ((1, 1), padding, None, None, ("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(conv_forms.pointwise_conv_as_matmul(x, w, *args),
+                               lax.conv_general_dilated(x, w, *args), rtol=1e-6)
+    text = jax.jit(lambda x, w: conv_forms.pointwise_conv_as_matmul(x, w, *args)).lower(x, w).as_text()
+    assert "stablehlo.convolution" in text
+
+
+def test_pointwise_form_is_a_dot_not_a_convolution():
+    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((1, 1, 16, 32))
+    args = ((2, 2), ((0, 0), (0, 0)), None, None, ("NHWC", "HWIO", "NHWC"))
+    text = jax.jit(jax.grad(lambda w: jnp.sum(conv_forms.pointwise_conv_as_matmul(x, w, *args)))).lower(w).as_text()
+    assert "stablehlo.convolution" not in text
+    assert "stablehlo.dot_general" in text
 
 
 def _kernel_grad_stablehlo(conv) -> str:
@@ -112,7 +154,7 @@ def test_kernel_gradient_has_no_grouped_convolution():
     """What makes the CPU form fast: XLA's kernel gradient of a grouped conv is one convolution
     with batch_group_count (slow on CPU); the CPU form has eight ordinary convolutions instead."""
     native = _kernel_grad_stablehlo(lax.conv_general_dilated)
-    cpu_form = _kernel_grad_stablehlo(grouped_conv.grouped_conv_split_kernel_grad)
+    cpu_form = _kernel_grad_stablehlo(conv_forms.grouped_conv_split_kernel_grad)
     assert "batch_group_count = 8" in native
     assert native.count("stablehlo.convolution") == 1
     assert set(re.findall(r"group_count = (\d+)", cpu_form)) == {"1"}
