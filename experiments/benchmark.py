@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both sides (default: every CPU this process may run on)")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch side")
+    parser.add_argument("--conv_impl", choices=("auto", "native", "cpu"), default="auto",
+                        help="how JAX computes convolutions (jaxembed.models.conv_forms); 'native' is XLA's "
+                             "convolutions throughout, what jaxembed did before its CPU forms")
     parser.add_argument("--torch_channels_last", action=argparse.BooleanOptionalAction, default=None,
                         help="PyTorch in channels_last memory format (default: on GPU only)")
     parser.add_argument("--peak_tflops", type=float, default=None,
@@ -144,6 +147,8 @@ def jax_worker(args: argparse.Namespace) -> dict:
         batch_size=config.batch_size, per_item_lrate=config.per_item_lrate, init_epochs=config.init_epochs,
         step_epochs=config.step_epochs, num_epochs=config.num_epochs, items_per_epoch=1000 * config.batch_size)
     model = train.build_model(config, args.num_classes, dtype=train.DTYPES[args.dtype])
+    # The head holds the backbone; only how its convolutions are computed changes (same parameters).
+    model = model.clone(backbone=model.backbone.clone(conv_impl=args.conv_impl))
     mesh = parallel.make_mesh(jax.local_devices()[:1])  # one device
     concepts = tuple(f"class{i}" for i in range(args.num_classes))
     run = train.Run(config=config, options=options, train_data=None, eval_data=None, concepts=concepts, mesh=mesh,
@@ -311,7 +316,7 @@ def run_worker(kind: str, args: argparse.Namespace, template: str = TEMPLATES[0]
     flags = ["--templates", template, "--sizes", str(size), "--batch_size", str(args.batch_size),
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--num_classes", str(args.num_classes),
              "--logreg", str(args.logreg), "--backend", args.backend, "--dtype", args.dtype,
-             "--roof_size", str(args.roof_size),
+             "--roof_size", str(args.roof_size), "--conv_impl", args.conv_impl,
              "--torch_channels_last" if args.torch_channels_last else "--no-torch_channels_last"]
     if args.threads:
         flags += ["--threads", str(args.threads)]

@@ -42,7 +42,8 @@ def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
 
 
 def create(
-    arch: str, *, num_classes: int | None = None, dtype: Any = jnp.float32, remat: bool = False
+    arch: str, *, num_classes: int | None = None, dtype: Any = jnp.float32, remat: bool = False,
+    conv_impl: str = "auto",
 ) -> nn.Module:
     """Backbone `arch` as a Linen module.
 
@@ -52,9 +53,11 @@ def create(
     float32, otherwise logits (B, num_classes) float32.
     dtype: computation dtype (parameters stay float32).
     remat: rematerialise each residual/inception block to save activation memory.
+    conv_impl: "auto" (XLA:CPU-friendly forms on CPU, native convolutions elsewhere), "native" or
+      "cpu"; see `conv_forms`. Same parameters and outputs either way.
     """
     constructor, _ = _lookup(arch)
-    return constructor(num_classes=num_classes, dtype=dtype, remat=remat)
+    return constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl)
 
 
 def feature_dim(arch: str) -> int:

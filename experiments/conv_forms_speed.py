@@ -1,19 +1,20 @@
-"""Grouped convolutions on XLA:CPU: the native form against jaxembed's CPU form, in one process.
+"""Convolutions on XLA:CPU: XLA's native forms against jaxembed's CPU forms, in one process.
 
-    python experiments/grouped_conv_speed.py [--image_size 64] [--batch_size 8]
+    python experiments/conv_forms_speed.py [--image_size 64] [--batch_size 8]
 
 1. Each ResNeXt-50 32x4d grouped 3x3 layer shape alone (batch, 56/28/14/7 px, 32 groups): forward,
    input-gradient and kernel-gradient milliseconds, native `lax.conv_general_dilated` against
    `conv_forms.grouped_conv_split_kernel_grad`.
-2. The whole ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
+2. The whole ResNet-50 and ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
    conv_impl="native" (XLA's convolutions, what jaxembed did before) against "cpu" (the CPU default:
    this grouped form, and 1x1 convolutions as matrix products), with compile times.
-Times are the best of --repeats calls. Writes experiments/results/grouped_conv_speed.{md,json}.
+Times are the best of --repeats calls. Writes experiments/results/conv_forms_speed.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -31,6 +32,7 @@ LAYER_SHAPES = ((56, 128), (28, 256), (14, 512), (7, 1024))
 GROUPS = 32
 FORMS = {"native": lax.conv_general_dilated, "cpu": conv_forms.grouped_conv_split_kernel_grad}
 NETWORK_IMPLS = ("native", "cpu")
+NETWORKS = {"resnet50": resnet.ResNet50, "resnext50_32x4d": resnet.ResNeXt50_32x4d}
 
 
 def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -74,8 +76,8 @@ def layer_rows(batch_size: int, repeats: int) -> list[dict]:
 def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
     images = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, image_size, image_size, 3), np.float32))
     rows = []
-    for name in NETWORK_IMPLS:
-        model = resnet.ResNeXt50_32x4d(num_classes=10, conv_impl=name)
+    for arch, name in itertools.product(NETWORKS, NETWORK_IMPLS):
+        model = NETWORKS[arch](num_classes=10, conv_impl=name)
         variables = model.init(jax.random.key(0), images)
 
         def loss(params, model=model, variables=variables):
@@ -85,7 +87,7 @@ def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
         grad_first, grad_best = best_seconds(jax.jit(jax.grad(loss)), variables["params"], repeats=repeats)
         forward = jax.jit(lambda variables, model=model: model.apply(variables, images))
         forward_first, forward_best = best_seconds(forward, variables, repeats=repeats)
-        row = {"conv_impl": name, "train_grad_images_per_s": batch_size / grad_best,
+        row = {"arch": arch, "conv_impl": name, "train_grad_images_per_s": batch_size / grad_best,
                "forward_images_per_s": batch_size / forward_best,
                "train_compile_and_first_s": grad_first, "forward_compile_and_first_s": forward_first}
         rows.append(row)
@@ -101,11 +103,11 @@ def markdown(report: dict) -> str:
             t = row[name]
             lines.append(f"| {row['shape']} | {name} | {t['forward_ms']:.1f} | {t['input_grad_ms']:.1f} | "
                          f"{t['kernel_grad_ms']:.1f} |")
-    lines += ["", f"ResNeXt-50 32x4d, {report['image_size']} px, batch {report['batch_size']}:", "",
-              "| conv_impl | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
-              "| --- | --- | --- | --- |"]
+    lines += ["", f"Whole networks, {report['image_size']} px, batch {report['batch_size']}:", "",
+              "| arch | conv_impl | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
+              "| --- | --- | --- | --- | --- |"]
     for row in report["network"]:
-        lines.append(f"| {row['conv_impl']} | {row['train_grad_images_per_s']:.2f} | "
+        lines.append(f"| {row['arch']} | {row['conv_impl']} | {row['train_grad_images_per_s']:.2f} | "
                      f"{row['forward_images_per_s']:.1f} | {row['train_compile_and_first_s']:.1f} / "
                      f"{row['forward_compile_and_first_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -116,10 +118,10 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "grouped_conv_speed"))
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "conv_forms_speed"))
     args = parser.parse_args()
     report = {
-        "command": "python experiments/grouped_conv_speed.py " + " ".join(
+        "command": "python experiments/conv_forms_speed.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "image_size": args.image_size, "batch_size": args.batch_size, "backend": jax.default_backend(),
         "layers": layer_rows(args.batch_size, args.repeats),
