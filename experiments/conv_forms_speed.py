@@ -4,7 +4,7 @@
 
 1. Each ResNeXt-50 32x4d grouped 3x3 layer shape alone (batch, 56/28/14/7 px, 32 groups): forward,
    input-gradient and kernel-gradient milliseconds, native `lax.conv_general_dilated` against
-   `conv_forms.grouped_conv_split_kernel_grad`.
+   `conv_forms.split_grouped_conv` (one conv per group).
 2. The whole ResNet-50 and ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
    conv_impl="native" (XLA's convolutions, what jaxembed did before) against "cpu" (the CPU default:
    this grouped form, and 1x1 convolutions as matrix products), with compile times.
@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (spatial size, channels) of the grouped 3x3 convs of ResNeXt-50 32x4d at 224 px, one per stage.
 LAYER_SHAPES = ((56, 128), (28, 256), (14, 512), (7, 1024))
 GROUPS = 32
-FORMS = {"native": lax.conv_general_dilated, "cpu": conv_forms.grouped_conv_split_kernel_grad}
+FORMS = {"native": lax.conv_general_dilated, "cpu": conv_forms.split_grouped_conv}
 NETWORK_IMPLS = ("native", "cpu")
 NETWORKS = {"resnet50": resnet.ResNet50, "resnext50_32x4d": resnet.ResNeXt50_32x4d}
 
@@ -96,7 +96,7 @@ def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"`{report['command']}`", "", "| layer (NHWC, 32 groups) | form | forward ms | input grad ms | kernel grad ms |",
+    lines = [f"`{report['command']}`", "", "| layer (NHWC, 32 groups) | form | forward ms | forward + input grad ms | forward + kernel grad ms |",
              "| --- | --- | --- | --- | --- |"]
     for row in report["layers"]:
         for name in FORMS:

@@ -23,20 +23,13 @@ def _split(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None)
                                            dimension_numbers=dimension_numbers, feature_group_count=groups)
 
 
-def _split_kernel_grad(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
-    return conv_forms.grouped_conv_split_kernel_grad(
-        x, w, strides, padding, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=groups)
-
-
 @pytest.mark.parametrize(
     "groups, in_per_group, out_per_group, stride, dilation",
     [(32, 4, 4, 1, 1), (32, 2, 2, 2, 1), (4, 3, 5, 1, 2), (2, 8, 1, 2, 1), (1, 6, 6, 1, 1)],
 )
 @pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
-@pytest.mark.parametrize("implementation", [_split, _split_kernel_grad], ids=["split", "split_kernel_grad"])
-def test_cpu_forms_equal_native_values_and_gradients(groups, in_per_group, out_per_group, stride, dilation, layout,
-                                                     implementation):
+def test_split_grouped_conv_equals_native_values_and_gradients(groups, in_per_group, out_per_group, stride,
+                                                              dilation, layout):
     rng = np.random.default_rng(groups * 100 + stride)
     channels_in, channels_out = groups * in_per_group, groups * out_per_group
     x = rng.standard_normal((2, 9, 7, channels_in)).astype(np.float32)
@@ -49,13 +42,13 @@ def test_cpu_forms_equal_native_values_and_gradients(groups, in_per_group, out_p
     args = ((stride, stride), ((1, 1), (2, 0)), groups, numbers, (dilation, dilation))
 
     expected = _native(x, w, *args)
-    actual = implementation(x, w, *args)
+    actual = _split(x, w, *args)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
 
     # A random cotangent checks every output position and channel of the gradients.
     cotangent = rng.standard_normal(expected.shape).astype(np.float32)
     grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w)
-             for f in (_native, implementation)]
+             for f in (_native, _split)]
     for native, split in zip(*grads):
         np.testing.assert_allclose(split, native, rtol=1e-4, atol=1e-4)
 
@@ -89,7 +82,7 @@ def test_networks_are_the_same_function_with_either_implementation(constructor):
 
 
 def test_auto_uses_the_cpu_forms_on_cpu_only():
-    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.grouped_conv_split_kernel_grad
+    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.split_grouped_conv
     assert conv_forms.select("auto", backend="cpu") is conv_forms.pointwise_conv_as_matmul
     for backend in ("gpu", "tpu"):
         assert conv_forms.select("auto", groups=32, backend=backend) is None
@@ -154,7 +147,7 @@ def test_kernel_gradient_has_no_grouped_convolution():
     """What makes the CPU form fast: XLA's kernel gradient of a grouped conv is one convolution
     with batch_group_count (slow on CPU); the CPU form has eight ordinary convolutions instead."""
     native = _kernel_grad_stablehlo(lax.conv_general_dilated)
-    cpu_form = _kernel_grad_stablehlo(conv_forms.grouped_conv_split_kernel_grad)
+    cpu_form = _kernel_grad_stablehlo(conv_forms.split_grouped_conv)
     assert "batch_group_count = 8" in native
     assert native.count("stablehlo.convolution") == 1
     assert set(re.findall(r"group_count = (\d+)", cpu_form)) == {"1"}

@@ -6,23 +6,19 @@ slower than the same contraction written as a `dot_general` (Eigen's matmul): on
 340 ms as a convolution and about 100 ms as a matrix product. A 1x1 conv with stride s is a strided
 slice followed by that product (`pointwise_conv_as_matmul`).
 
-**Grouped convolutions: the kernel gradient group by group.** XLA:CPU's gradient of a grouped convolution with respect to its kernel is pathologically slow:
-on a ResNeXt 3x3 layer (batch 16, 28x28, 256 channels, 32 groups) it took 22.8 s, against
-0.18 s for the same gradient written as 32 ordinary convolutions, one per group. The forward
-pass and the input gradient have usable native kernels, and keeping them native keeps compile
-time low (a ResNeXt-50 step compiled in about 26 s this way against 92 s fully split). So on
-CPU `grouped_conv_split_kernel_grad` runs XLA's grouped convolution forwards and for the input
-gradient, and one convolution per group for the kernel gradient. GPUs and TPUs have native
-grouped kernels and keep them (`select`).
+**Grouped convolutions as one convolution per group.** XLA:CPU has no fast kernel for
+`feature_group_count > 1`. On ResNeXt's grouped 3x3 layers (batch 16, 32 groups) the same layer written
+as 32 ordinary convolutions whose outputs are concatenated was 2.5-9x faster forwards and for the input
+gradient, and 46-70x faster for the kernel gradient (`experiments/conv_forms_speed.py`). GPUs and TPUs
+have native grouped kernels and keep them (`select`).
 
-Both functions have the signature of `lax.conv_general_dilated`, so they plug into
+Both forms have the signature of `lax.conv_general_dilated`, so they plug into
 `flax.linen.Conv(conv_general_dilated=...)` and the parameters keep their usual grouped shape
 (kh, kw, in / groups, out): checkpoints and imported torch weights are the same either way.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -61,40 +57,6 @@ def split_grouped_conv(
     inputs = jnp.split(lhs, feature_group_count, axis=lhs_feature_axis)
     kernels = jnp.split(rhs, feature_group_count, axis=rhs_output_axis)
     return jnp.concatenate([convolve(x, w, 1) for x, w in zip(inputs, kernels)], axis=out_feature_axis)
-
-
-def grouped_conv_split_kernel_grad(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
-                                   rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                                   **kwargs) -> jax.Array:
-    """`lax.conv_general_dilated` whose kernel gradient is computed group by group.
-
-    Same values and gradients as the native grouped convolution. It supports reverse-mode
-    differentiation (`jax.grad`, `jax.vjp`) only, like any `jax.custom_vjp` function.
-    """
-    settings = dict(window_strides=window_strides, padding=padding, lhs_dilation=lhs_dilation,
-                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                    feature_group_count=feature_group_count, **kwargs)
-    native = functools.partial(lax.conv_general_dilated, **settings)
-    if feature_group_count == 1:
-        return native(lhs, rhs)
-    split = functools.partial(split_grouped_conv, **settings)
-
-    @jax.custom_vjp
-    def convolve(inputs, kernel):
-        return native(inputs, kernel)
-
-    def forward(inputs, kernel):
-        return native(inputs, kernel), (inputs, kernel)
-
-    def backward(saved, output_grad):
-        inputs, kernel = saved
-        # The convolution is linear in each argument, so these vjps never run the forward pass.
-        (inputs_grad,) = jax.vjp(lambda x: native(x, kernel), inputs)[1](output_grad)
-        (kernel_grad,) = jax.vjp(lambda w: split(inputs, w), kernel)[1](output_grad)
-        return inputs_grad, kernel_grad
-
-    convolve.defvjp(forward, backward)
-    return convolve(lhs, rhs)
 
 
 def _is_pointwise(rhs_shape, numbers, padding, lhs_dilation, rhs_dilation, feature_group_count) -> bool:
@@ -149,7 +111,7 @@ def select(implementation: str, *, groups: int = 1, backend: str | None = None) 
       backend: the platform to decide for; default `jax.default_backend()`.
 
     Returns:
-      For "cpu": `grouped_conv_split_kernel_grad` for grouped layers, else `pointwise_conv_as_matmul`
+      For "cpu": `split_grouped_conv` for grouped layers, else `pointwise_conv_as_matmul`
       (which passes anything but a 1x1 conv to XLA). For "native": None, which makes flax use
       `lax.conv_general_dilated`.
     """
@@ -159,4 +121,4 @@ def select(implementation: str, *, groups: int = 1, backend: str | None = None) 
         implementation = "cpu" if (backend or jax.default_backend()) == "cpu" else "native"
     if implementation == "native":
         return None
-    return grouped_conv_split_kernel_grad if groups > 1 else pointwise_conv_as_matmul
+    return split_grouped_conv if groups > 1 else pointwise_conv_as_matmul
