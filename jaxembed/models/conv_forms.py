@@ -19,7 +19,7 @@ Both forms have the signature of `lax.conv_general_dilated`, so they plug into
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ def split_grouped_conv(
     Group g convolves input channels [g*Ci, (g+1)*Ci) with output channels
     [g*Co, (g+1)*Co) of the kernel, exactly the definition of a grouped convolution.
     """
-    convolve = lambda x, w, groups: lax.conv_general_dilated(  # noqa: E731
+    convolve = lambda x, w, groups: lax.conv_general_dilated(
         x, w, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count=groups, **kwargs,
     )
