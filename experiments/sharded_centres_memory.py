@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from jaxembed import parallel  # noqa: E402
 from jaxembed import sharded_arcface as sa  # noqa: E402
 
 MODEL_SIZES = (1, 2, 4, 8)
@@ -72,7 +73,7 @@ def make_step(tx: optax.GradientTransformation, mesh, *, scale: float, margin: f
 
 def compile_step(args, model: int, tx):
     """The step jitted over a 1 x `model` mesh, its shardings, and the abstract arguments."""
-    mesh = sa.make_mesh(1, model)
+    mesh = parallel.make_mesh(jax.devices()[:model], model_parallelism=model)  # data = 1
     params = {"projection": jax.ShapeDtypeStruct((args.feature_dim, args.embed_dim), jnp.float32),
               "centers": jax.ShapeDtypeStruct((args.embed_dim, args.num_classes), jnp.float32)}
     opt_state = jax.eval_shape(tx.init, params)

@@ -109,7 +109,10 @@ def load(workdir: str, *, step: int | None = None) -> Embedder:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               manager.item_metadata(step))
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    variables = jax.tree.map(jnp.asarray, {"params": restored["params"], "batch_stats": restored["batch_stats"]})
+    params = restored["params"]
+    if "centers" in params:  # ArcFace: a model-parallel run pads its centres (train.padded_class_count)
+        params = {**params, "centers": params["centers"][:, :len(concepts)]}
+    variables = jax.tree.map(jnp.asarray, {"params": params, "batch_stats": restored["batch_stats"]})
 
     @jax.jit  # compiled once per Embedder and image batch shape; still usable inside the caller's jit
     def apply_fn(variables, images):

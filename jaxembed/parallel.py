@@ -1,8 +1,11 @@
 """Device mesh, shardings and multi-host start-up.
 
-Training is data-parallel: every device holds the whole train state (replicated) and a slice of
-the global batch (sharded over the mesh axis `data`). `jax.jit` places the collectives, so batch
-norm statistics and gradients are computed over the whole global batch.
+The mesh is 2-D, `("data", "model")`. Every device computes the backbone on its own slice of the
+global batch (the batch is split over all devices, both axes); the `model` axis only shards what is
+too large to replicate: the ArcFace class centres (`jaxembed.sharded_arcface`). Everything else in
+the train state is replicated. With `model` of size 1 (the default) this is plain data parallelism.
+`jax.jit` places the collectives, so batch-norm statistics and gradients are computed over the
+whole global batch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
 def initialize_distributed(
@@ -36,9 +40,7 @@ def initialize_distributed(
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         # Gloo connects a device group on its first collective and waits only 30 s for the others;
         # processes compiling at different speeds miss that. Connect the groups now, while in step.
-        mesh = make_mesh()
-        ones = global_batch({"x": np.ones(jax.local_device_count(), np.float32)}, mesh)["x"]
-        jax.block_until_ready(jax.jit(jax.numpy.sum, out_shardings=replicated(mesh))(ones))
+        jax.block_until_ready(max_over_processes(0, make_mesh()))
         multihost_utils.sync_global_devices("jaxembed: connect CPU collectives")
     logging.info(
         "process %d of %d, %d local / %d global devices",
@@ -46,10 +48,25 @@ def initialize_distributed(
     )
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all devices of all processes) named `data`."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+def make_mesh(devices: list[jax.Device] | None = None, *, model_parallelism: int = 1) -> Mesh:
+    """A `(data, model)` mesh over `devices` (default: all devices of all processes).
+
+    `model_parallelism` consecutive devices form each group along `model`, and `data` is the device
+    count divided by it. Consecutive devices are those of one host (`jax.devices()` lists each
+    process's devices together), so the every-step traffic of a model group (gathering embeddings,
+    reducing per-row softmax terms) stays inside a host, and only the gradient all-reduce over
+    `data` crosses hosts. Keeping `jax.devices()`'s order also keeps each process's batch rows
+    contiguous, as `global_batch` needs.
+
+    Raises:
+      ValueError: naming model_parallelism and the device count when it is < 1 or does not divide it.
+    """
+    devices = jax.devices() if devices is None else list(devices)
+    if model_parallelism < 1 or len(devices) % model_parallelism:
+        divisors = [d for d in range(1, len(devices) + 1) if len(devices) % d == 0]
+        raise ValueError(f"model_parallelism={model_parallelism} must divide the number of devices "
+                         f"({len(devices)}): use one of {divisors}")
+    return Mesh(np.asarray(devices).reshape(-1, model_parallelism), (DATA_AXIS, MODEL_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -58,8 +75,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """The leading (batch) axis split over the `data` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """The leading (batch) axis split over all devices (`data` and `model`).
+
+    Not over `data` alone: then the devices of a model group would all compute the backbone on the
+    same rows, `model` times the work. Split over every device, the backbone is data-parallel
+    everywhere and only the small embeddings are gathered within a model group for the loss (as
+    insightface's Partial FC does).
+    """
+    return NamedSharding(mesh, PartitionSpec((DATA_AXIS, MODEL_AXIS)))
 
 
 def per_process_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -78,9 +101,20 @@ def per_process_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assembles each process's rows into global arrays sharded over `data`."""
+    """Assembles each process's rows into global arrays split over all devices (`batch_sharded`)."""
     sharding = batch_sharded(mesh)
     return {
         name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
         for name, value in local_batch.items()
     }
+
+
+def max_over_processes(value: int, mesh: Mesh) -> jax.Array:
+    """The largest of every process's `value`, as a replicated int32 scalar on `mesh`.
+
+    A collective: every process must call it, in the same order. Like any JAX computation it is
+    dispatched asynchronously, and reading it (`int(result)`) waits for it; a training loop reads it
+    a step later, so the devices never wait for the host.
+    """
+    votes = global_batch({"value": np.full(jax.local_device_count(), value, np.int32)}, mesh)["value"]
+    return jax.numpy.max(votes)

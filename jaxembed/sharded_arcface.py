@@ -2,7 +2,8 @@
 
 With many classes the centre matrix dominates memory: 1,000,000 classes x 512 dims is 2 GB in float32,
 and 6 GB with its gradient and SGD momentum, on every device when replicated. insightface's Partial FC
-splits the classes over the devices; so does this module, on a 2-D mesh `("data", "model")`:
+splits the classes over the devices; so does this module, on the trainer's 2-D mesh `("data", "model")`
+(`jaxembed.parallel.make_mesh`; `jaxembed.train` uses this loss when `model_parallelism` > 1):
 
 - centres `(embed_dim, num_classes)`: classes split over `model`, replicated over `data`
   (`centers_sharding`); each device stores `num_classes / model` of them, and so do their gradient
@@ -35,26 +36,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxembed import losses
-
-DATA_AXIS = "data"
-MODEL_AXIS = "model"
-
-
-def make_mesh(data: int, model: int, devices: list[jax.Device] | None = None) -> Mesh:
-    """A `(data, model)` mesh over the first `data * model` of `devices` (default: all devices).
-
-    Raises:
-      ValueError: naming data, model and the device count when there are too few devices.
-    """
-    devices = jax.devices() if devices is None else list(devices)
-    if data < 1 or model < 1 or data * model > len(devices):
-        raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
-                         f"{len(devices)} available")
-    return Mesh(np.asarray(devices[: data * model]).reshape(data, model), (DATA_AXIS, MODEL_AXIS))
+from jaxembed import losses, parallel
+from jaxembed.parallel import DATA_AXIS, MODEL_AXIS
 
 
 def centers_sharding(mesh: Mesh) -> NamedSharding:
@@ -87,7 +72,7 @@ def tree_shardings(tree, mesh: Mesh, *, centers_key: str = "centers"):
         names = {getattr(entry, "key", getattr(entry, "name", None)) for entry in path}
         if centers_key in names and getattr(leaf, "ndim", 0) == 2:
             return centers_sharding(mesh)
-        return NamedSharding(mesh, PartitionSpec())
+        return parallel.replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
@@ -108,7 +93,7 @@ def sharded_arcface_loss(
       labels: `(batch,)` integer class indices in `[0, num_classes)`.
       scale: logit scale s (e.g. 64).
       margin: additive angular margin m in radians (e.g. 0.5).
-      mesh: a mesh with axes `data` and `model` (`make_mesh`).
+      mesh: a mesh with axes `data` and `model` (`jaxembed.parallel.make_mesh`).
       valid_classes: if given, only the first `valid_classes` columns of `centers` are classes; the
         rest are padding, left out of the softmax (and so given zero gradient). This lets any class
         count be padded to a multiple of the `model` size: the loss then equals the dense loss on

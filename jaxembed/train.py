@@ -3,7 +3,9 @@
     python -m jaxembed.train --template inception_bn [--data SOURCE] [--workdir DIR] [--image_size 128 ...]
 
 The train state is one pytree; `train_step` and `eval_step` are pure functions compiled once with
-`jax.jit` over a data-parallel device mesh (`jaxembed.parallel`). The workdir holds orbax
+`jax.jit` over a `("data", "model")` device mesh (`jaxembed.parallel`): the batch is split over all
+devices, the state replicated except, with `--model_parallelism` > 1, the ArcFace class centres and
+their optimiser state, which are split over `model` (`jaxembed.sharded_arcface`). The workdir holds orbax
 checkpoints, `run.json` (what was trained: template config, label map, options), `metrics.jsonl`
 (one JSON object per logged step and per evaluation) and `summary.json` (the final metrics).
 """
@@ -33,7 +35,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxembed import data as data_lib
-from jaxembed import evaluate, losses, models, parallel, schedules, templates
+from jaxembed import evaluate, losses, models, parallel, schedules, sharded_arcface, templates
 
 log = logging.getLogger("jaxembed.train")
 
@@ -73,6 +75,7 @@ class TrainOptions:
     eval_batch_size: int = 64
     init_from: str | None = None  # torchvision/BN-Inception weights (.pth or .safetensors) for the backbone
     max_steps: int | None = None  # stop (with a checkpoint) at this step; resume later
+    model_parallelism: int = 1  # devices along the mesh's `model` axis, sharing the ArcFace class centres
     progress: bool = True
 
     def __post_init__(self):
@@ -86,7 +89,7 @@ class TrainOptions:
             raise ValueError(f"min_crop_area={self.min_crop_area} must be in (0, 1]")
         if not 0 < self.holdout_fraction < 1:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must be in (0, 1)")
-        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size", "model_parallelism"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
@@ -108,10 +111,23 @@ def build_model(config: templates.Config, num_classes: int, *, dtype: Any = jnp.
     return models.heads.ClassifierModel(backbone=backbone, num_classes=num_classes, dtype=dtype)
 
 
-def template_loss(config: templates.Config) -> Callable[[Mapping, Any, Mapping], jax.Array]:
-    """`loss(outputs, params, batch) -> scalar` for the template (ArcFace, sigmoid or softmax)."""
+def template_loss(config: templates.Config, *, mesh=None, num_classes: int | None = None
+                  ) -> Callable[[Mapping, Any, Mapping], jax.Array]:
+    """`loss(outputs, params, batch) -> scalar` for the template (ArcFace, sigmoid or softmax).
+
+    With a `mesh` whose `model` axis has several devices, ArcFace is `sharded_arcface_loss`, which
+    keeps the centres and logits split over `model`; it counts only the first `num_classes` centre
+    columns as classes (the rest pad the class count to a multiple of the `model` size).
+    """
     if config.template.head == "arcface":
         scale, margin = float(config.angular_scale), float(config.angular_margin)
+        if mesh is not None and mesh.shape[parallel.MODEL_AXIS] > 1:
+            def sharded_arcface_loss(outputs, params, batch):
+                return sharded_arcface.sharded_arcface_loss(
+                    outputs["features"], params["centers"], batch["label"], scale=scale, margin=margin, mesh=mesh,
+                    valid_classes=num_classes)
+
+            return sharded_arcface_loss
 
         def arcface(outputs, params, batch):
             return losses.arcface_loss(outputs["features"], params["centers"], batch["label"], scale=scale, margin=margin)
@@ -139,12 +155,25 @@ def build_optimizer(schedule: optax.Schedule, options: TrainOptions) -> optax.Gr
 # ----------------------------------------------------------------------------- pure steps
 
 
-def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_size: int) -> TrainState:
-    """A fresh train state (pure; jit it with out_shardings to create it directly on devices)."""
+def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_size: int,
+               num_classes: int | None = None) -> TrainState:
+    """A fresh train state (pure; jit it with out_shardings to create it directly on devices).
+
+    `num_classes`: the real class count of an ArcFace `model` whose centre matrix has more columns
+    (padded to a multiple of `model_parallelism`). The centres start as they would for `num_classes`
+    classes, so every model_parallelism starts from the same weights, and the padding columns start
+    at zero and stay there: the masked loss gives them zero gradient, and weight decay and momentum
+    of zero are zero.
+    """
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-    variables = model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    padded = num_classes is not None and num_classes < model.num_classes
+    unpadded_model = model.clone(num_classes=num_classes) if padded else model
+    variables = unpadded_model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
     params = variables["params"]
+    if padded:
+        padding = ((0, 0), (0, model.num_classes - num_classes))
+        params = {**params, "centers": jnp.pad(params["centers"], padding)}
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params), rng=state_rng,
@@ -207,6 +236,21 @@ class Run:
     def local_batch_size(self) -> int:
         return parallel.per_process_batch_size(self.config.batch_size, self.mesh)
 
+    @property
+    def num_classes(self) -> int:
+        """The training classes (the model may have more class-centre columns: padding)."""
+        return len(self.concepts)
+
+
+def padded_class_count(num_classes: int, model_parallelism: int) -> int:
+    """Columns of the ArcFace centre matrix: `num_classes` rounded up to a multiple of `model_parallelism`.
+
+    Any class count works with any model_parallelism: the extra columns are zeros that the loss
+    masks out (`sharded_arcface_loss(valid_classes=...)`), so loss and gradients equal those of
+    the unpadded centres. Checkpoints hold the padded matrix; `jaxembed.load` drops the padding.
+    """
+    return math.ceil(num_classes / model_parallelism) * model_parallelism
+
 
 def _split(data, config: templates.Config, options: TrainOptions):
     holdout = options.holdout or ("concepts" if config.template.head == "arcface" else "images")
@@ -227,9 +271,12 @@ def prepare_run(config: templates.Config, options: TrainOptions, data) -> Run:
             config.template.head == "classifier" and not config.logreg and data.num_concepts < 2):
         raise ValueError(f"{config.template.name} with this loss needs at least 2 concepts; the data "
                          f"({data.source or 'default'}) has {data.num_concepts}: {list(data.concepts)}")
+    if options.model_parallelism > 1 and config.template.head != "arcface":
+        raise ValueError(f"model_parallelism={options.model_parallelism} shards the ArcFace class centres, "
+                         f"which the {config.template.name} template does not have: use model_parallelism=1")
     train_data, eval_data = _split(data, config, options)
     num_concepts = train_data.num_concepts  # a class-disjoint split leaves the training side fewer
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(model_parallelism=options.model_parallelism)
     local_batch = parallel.per_process_batch_size(config.batch_size, mesh)
     items_per_epoch = config.num_items_per_epoch or len(train_data)
     if len(train_data) // jax.process_count() < local_batch:
@@ -243,7 +290,13 @@ def prepare_run(config: templates.Config, options: TrainOptions, data) -> Run:
         step_epochs=config.step_epochs, num_epochs=config.num_epochs, items_per_epoch=items_per_epoch,
         decay=options.lr_decay,
     )
-    model = build_model(config, num_concepts, dtype=DTYPES[options.dtype], remat=options.remat)
+    num_outputs = num_concepts
+    if config.template.head == "arcface":
+        num_outputs = padded_class_count(num_concepts, options.model_parallelism)
+        if num_outputs > num_concepts:
+            log.info("%d classes padded to %d centres for model_parallelism=%d (the padding is masked out)",
+                     num_concepts, num_outputs, options.model_parallelism)
+    model = build_model(config, num_outputs, dtype=DTYPES[options.dtype], remat=options.remat)
     return Run(
         config=config, options=options, train_data=train_data, eval_data=eval_data, concepts=tuple(train_data.concepts),
         mesh=mesh, model=model, tx=build_optimizer(schedule, options), schedule=schedule,
@@ -252,18 +305,23 @@ def prepare_run(config: templates.Config, options: TrainOptions, data) -> Run:
 
 
 def compile_steps(run: Run):
-    """`(init, train_step, eval_step)` jitted over the mesh: state replicated, batches sharded over `data`."""
+    """`(init, train_step, eval_step)` jitted over the mesh: batches split over all devices, the state
+    replicated except the ArcFace centres and their optimiser state, split over `model`."""
     replicated, sharded = parallel.replicated(run.mesh), parallel.batch_sharded(run.mesh)
-    init = jax.jit(
-        functools.partial(init_state, model=run.model, tx=run.tx, image_size=run.config.image_size),
-        out_shardings=replicated,
-    )
+    make_state = functools.partial(init_state, model=run.model, tx=run.tx, image_size=run.config.image_size,
+                                   num_classes=run.num_classes)
+    # Leaves under "centers" (the parameter, its momentum or Adam moments) split over `model`.
+    state_shardings = sharded_arcface.tree_shardings(jax.eval_shape(make_state, jax.random.PRNGKey(0)), run.mesh)
+    variables_shardings = {"params": state_shardings.params, "batch_stats": state_shardings.batch_stats}
+    init = jax.jit(make_state, out_shardings=state_shardings)
+    loss_fn = template_loss(run.config, mesh=run.mesh, num_classes=run.num_classes)
     step = jax.jit(
-        functools.partial(train_step, model=run.model, tx=run.tx, loss_fn=template_loss(run.config)),
-        in_shardings=(replicated, sharded), out_shardings=(replicated, replicated), donate_argnums=0,
+        functools.partial(train_step, model=run.model, tx=run.tx, loss_fn=loss_fn),
+        in_shardings=(state_shardings, sharded), out_shardings=(state_shardings, replicated), donate_argnums=0,
     )
     evaluate_batch = jax.jit(
-        functools.partial(eval_step, model=run.model), in_shardings=(replicated, sharded), out_shardings=sharded
+        functools.partial(eval_step, model=run.model), in_shardings=(variables_shardings, sharded),
+        out_shardings=sharded,
     )
     return init, step, evaluate_batch
 
@@ -343,8 +401,10 @@ def _check_same_run(path: str, record: dict) -> None:
     with open(path) as f:
         previous = json.load(f)
     ignored = {"max_steps", "progress", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"}
+    # An option missing from an older run.json did not exist then: that run used today's default.
+    known_before = {"config": {}, "options": dataclasses.asdict(TrainOptions())}
     for section in ("config", "options"):
-        before = {k: v for k, v in previous.get(section, {}).items() if k not in ignored}
+        before = {k: v for k, v in {**known_before[section], **previous.get(section, {})}.items() if k not in ignored}
         now = {k: v for k, v in record[section].items() if k not in ignored}
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if changed:
@@ -413,6 +473,31 @@ class _StopSignal:
             signal.signal(signum, handler)
 
 
+class _SignalVote:
+    """Makes every process stop after the same step when any of them receives a signal.
+
+    One process alone (a preemption notice reaches one host) must not stop: the others would wait
+    forever in the next step's collectives, and the checkpoint is saved by all processes together.
+    So with several processes each step also dispatches a max over the processes' signal numbers
+    (0: none), and the loop acts on the previous step's result: by the time the host reads it, the
+    devices have finished that step, so the vote never stalls them. All processes read the same
+    value after the same step, so they stop, save and exit together, one step after the signal.
+    With one process the local signal is acted on at once.
+    """
+
+    def __init__(self, mesh):
+        self._mesh = mesh
+        self._previous_vote = None  # the collective dispatched after the previous step
+
+    def after_step(self, local_signum: int | None) -> int:
+        """The signal number all processes act on after this step (0: keep going)."""
+        if jax.process_count() == 1:
+            return local_signum or 0
+        agreed = 0 if self._previous_vote is None else int(self._previous_vote)
+        self._previous_vote = parallel.max_over_processes(local_signum or 0, self._mesh)
+        return agreed
+
+
 def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str | None = None,
                        options: TrainOptions = TrainOptions(), data=None) -> dict:
     """Trains `config` on `data_spec` (or an already loaded `data`), resuming from `workdir`.
@@ -454,9 +539,10 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
     start = int(state.step)
     last_good = restored_step
     end = run.total_steps if options.max_steps is None else min(run.total_steps, options.max_steps)
-    log.info("training %s (%s) on %d images, %d concepts: steps %d -> %d of %d, %d per epoch, %d device(s)",
-             config.template.name, config.arch, len(run.train_data), len(run.concepts), start, end,
-             run.total_steps, run.steps_per_epoch, run.mesh.devices.size)
+    log.info("training %s (%s) on %d images, %d concepts: steps %d -> %d of %d, %d per epoch, %d device(s) "
+             "(data %d x model %d)", config.template.name, config.arch, len(run.train_data), len(run.concepts),
+             start, end, run.total_steps, run.steps_per_epoch, run.mesh.devices.size,
+             run.mesh.shape[parallel.DATA_AXIS], run.mesh.shape[parallel.MODEL_AXIS])
 
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     progress = _progress_bar(run, start, end)
@@ -465,9 +551,11 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
     window_start, window_images = time.perf_counter(), 0
     stopped_by = None
     with _StopSignal() as stop:
+        signal_vote = _SignalVote(run.mesh)
         for step in range(start, end):
             batch = parallel.global_batch(next(batches), run.mesh)
             state, metrics = step_fn(state, batch)
+            agreed_signum = signal_vote.after_step(stop.signum)
             window_images += config.batch_size
             if pending is not None:
                 _check_finite(pending, last_good)
@@ -477,12 +565,12 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
                     window_start, window_images = time.perf_counter(), 0
             pending = (step, metrics)
             progress.update(1)
-            if (step + 1) % options.checkpoint_every == 0 or stop.signum is not None:
+            if (step + 1) % options.checkpoint_every == 0 or agreed_signum:
                 _check_finite(pending, last_good)
                 manager.save(step + 1, args=ocp.args.StandardSave(state))
                 last_good = step + 1
-            if stop.signum is not None:
-                stopped_by = signal.Signals(stop.signum).name
+            if agreed_signum:
+                stopped_by = signal.Signals(agreed_signum).name
                 break
         if pending is not None:
             _check_finite(pending, last_good)
@@ -554,6 +642,12 @@ CPU_DEMO = {
 }
 
 
+# Help for the option flags that need more than their default.
+OPTION_HELP = {
+    "model_parallelism": "devices along the 'model' mesh axis that shard the ArcFace class centres; "
+                         "must divide the device count",
+}
+
 # The embedded digits are 8x8 pixels: crops of a quarter of that lose the digit.
 CPU_DEMO_OPTIONS = {"min_crop_area": 0.7}
 
@@ -578,7 +672,8 @@ def build_parser(template: templates.Template) -> argparse.ArgumentParser:
         else:
             kind = type(default) if default is not None else (int if field.name in ("depth", "max_steps") else str)
             # None = not given, so the demo settings can tell the user's choices from the defaults.
-            parser.add_argument(f"--{field.name}", type=kind, default=None, help=f"(default {default})")
+            help_text = f"{OPTION_HELP[field.name]} " if field.name in OPTION_HELP else ""
+            parser.add_argument(f"--{field.name}", type=kind, default=None, help=f"{help_text}(default {default})")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (for logs)")
     parser.add_argument("--coordinator_address", default=None, help="multi-host: the coordinator's host:port")
     parser.add_argument("--num_processes", type=int, default=None)
@@ -625,6 +720,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps({k: v for k, v in summary.items() if k != "bad_files"}, indent=2))
     print(f"workdir: {workdir}")
+    return exit_status(summary)
+
+
+def exit_status(summary: Mapping) -> int:
+    """0, or for a run stopped by a signal the shell's 128 + its number (143 for SIGTERM), which
+    tells a job scheduler the run was interrupted and should be restarted."""
     if summary.get("stopped_by"):
         return 128 + signal.Signals[summary["stopped_by"]].value
     return 0

@@ -1,7 +1,7 @@
 """One process of the multi-process training test (`tests/test_multiprocess.py`).
 
     python tests/_multiprocess_worker.py --workdir DIR --result FILE.json \
-        [--num_processes 2 --process_id I --coordinator 127.0.0.1:PORT]
+        [--num_processes 2 --process_id I --coordinator 127.0.0.1:PORT] [--checkpoint_every N] [--sigterm_at_step S]
 
 Trains the tiny inception_bn configuration of tests/test_train.py on every 10th image of the embedded
 default data with `jaxembed.train.train_and_evaluate`, and writes what the test compares to `--result`:
@@ -9,7 +9,10 @@ the summary, this process's rows of every training batch (`index`, positions in 
 and the device counts; and next to it (`*_eval.npz`) the evaluation outputs it gathered. The local
 device count comes from XLA_FLAGS, which the parent sets; it must be in the environment before jax is
 imported, which is why this is a separate script and not a fixture.
-A checkpoint is kept after every step, so the test can check each step on its own.
+A checkpoint is kept after every step (unless `--checkpoint_every` says otherwise), so the test can
+check each step on its own. With `--sigterm_at_step S` this process sends itself SIGTERM while loading
+the batch of step S, as a preemption notice that reaches one host; the exit status is the trainer's
+(`train.exit_status`: 143 after a SIGTERM).
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 TINY = dict(image_size=32, batch_size=8, init_epochs=1, step_epochs=1, num_epochs=2, num_items_per_epoch=16,
             per_item_lrate=0.002)
 
 
-def tiny_setup():
+def tiny_setup(checkpoint_every: int = 1):
     """`(config, options, data)`: the tiny inception_bn run of tests/test_train.py."""
     from jaxembed import data as data_lib
     from jaxembed import templates, train
 
     config = templates.get("inception_bn").config(arch="inception_bn", **TINY)
-    options = train.TrainOptions(progress=False, log_every=1, checkpoint_every=1, keep_checkpoints=10,
+    options = train.TrainOptions(progress=False, log_every=1, checkpoint_every=checkpoint_every, keep_checkpoints=10,
                                  eval_batch_size=64)
     full = data_lib.load_source(None)
     return config, options, full.subset(range(0, len(full), 10))
@@ -48,6 +52,18 @@ def recording_batches(record: list):
             yield batch
 
     return batches_from
+
+
+def sigterm_at(step: int, batches_from):
+    """Wraps a `train._batches_from`: this process gets SIGTERM while the batch of `step` is loaded."""
+
+    def batches_then_sigterm(run, start):
+        for current, batch in enumerate(batches_from(run, start), start=start):
+            if current == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    return batches_then_sigterm
 
 
 def recording_evaluation(record: dict):
@@ -100,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--process_id", type=int, default=0)
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (loopback only)")
+    parser.add_argument("--checkpoint_every", type=int, default=1)
+    parser.add_argument("--sigterm_at_step", type=int, default=None, help="send this process SIGTERM at this step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s p{args.process_id} %(name)s: %(message)s")
 
@@ -121,9 +139,11 @@ def main(argv=None) -> int:
             print(f"gloo CPU collectives unavailable: {error}", file=sys.stderr)
             return GLOO_UNAVAILABLE
         warm_up_collectives()
-    config, options, data = tiny_setup()
+    config, options, data = tiny_setup(args.checkpoint_every)
     record, evaluation = [], {}
     train._batches_from = recording_batches(record)
+    if args.sigterm_at_step is not None:
+        train._batches_from = sigterm_at(args.sigterm_at_step, train._batches_from)
     train.embed_split = recording_evaluation(evaluation)
     summary = train.train_and_evaluate(config, args.workdir, options=options, data=data)
     np.savez(args.result.removesuffix(".json") + "_eval.npz", **evaluation)
@@ -136,7 +156,7 @@ def main(argv=None) -> int:
         json.dump(result, f)
     if args.num_processes > 1:
         jax.distributed.shutdown()
-    return 0
+    return train.exit_status(summary)
 
 
 if __name__ == "__main__":

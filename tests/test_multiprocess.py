@@ -4,6 +4,7 @@ Each process is `tests/_multiprocess_worker.py` with its own
 `XLA_FLAGS=--xla_force_host_platform_device_count=2`; they meet through `jax.distributed` on the
 loopback interface and communicate with gloo (XLA's CPU collectives). Together they train the tiny
 inception_bn configuration of tests/test_train.py in one shared workdir, keeping a checkpoint per step.
+A second pair of runs checks preemption: SIGTERM to one process stops both after the same step.
 
 What is comparable, and why step by step:
 - Process p of P reads its own shard of the data, shuffled with its own generator, so a plain
@@ -24,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,19 +53,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(root) -> list[tuple[subprocess.Popen, str, object]]:
+def _start_workers(root, workdir=None, name: str = "", extra_args=None) -> list[tuple[subprocess.Popen, str, object]]:
+    """Starts the worker processes on `workdir` (default root/workdir); process p writes
+    `root/{name}result{p}.json` and its log `root/{name}process{p}.log`, and gets `extra_args[p]`."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
            "JAX_PLATFORMS": "cpu"}
     coordinator = f"127.0.0.1:{_free_port()}"
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     workers = []
     for process_id in range(NUM_PROCESSES):
-        log_path = str(root / f"process{process_id}.log")
+        log_path = str(root / f"{name}process{process_id}.log")
         log = open(log_path, "w")
         command = [sys.executable, os.path.join(repo, "tests", "_multiprocess_worker.py"),
-                   "--workdir", str(root / "workdir"), "--result", str(root / f"result{process_id}.json"),
+                   "--workdir", str(workdir or root / "workdir"),
+                   "--result", str(root / f"{name}result{process_id}.json"),
                    "--num_processes", str(NUM_PROCESSES), "--process_id", str(process_id),
-                   "--coordinator", coordinator]
+                   "--coordinator", coordinator, *(extra_args[process_id] if extra_args else [])]
         workers.append((subprocess.Popen(command, env=env, cwd=repo, stdout=log, stderr=subprocess.STDOUT),
                         log_path, log))
     return workers
@@ -82,11 +87,12 @@ def _end(workers) -> None:
         log.close()
 
 
-def _wait(workers, deadline: float) -> None:
-    """Waits for every worker; if one fails or time runs out, ends the others (they would wait forever)."""
+def _wait(workers, deadline: float, expected_code: int = 0) -> None:
+    """Waits for every worker to exit with `expected_code`; if one exits otherwise or time runs out,
+    ends the others (they would wait forever) and fails with their logs."""
     try:
         while any(p.poll() is None for p, _, _ in workers):
-            if any(p.poll() not in (None, 0) for p, _, _ in workers) or time.monotonic() > deadline:
+            if any(p.poll() not in (None, expected_code) for p, _, _ in workers) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
@@ -95,10 +101,11 @@ def _wait(workers, deadline: float) -> None:
     if worker.GLOO_UNAVAILABLE in codes:
         pytest.skip("this jaxlib cannot run CPU collectives across processes (gloo): "
                     + _tail(workers[codes.index(worker.GLOO_UNAVAILABLE)][1], 3))
-    if codes != [0] * len(workers):
+    if codes != [expected_code] * len(workers):
         logs = "\n".join(f"--- process {i} (exit {c}) ---\n{_tail(path)}"
                          for i, ((_, path, _), c) in enumerate(zip(workers, codes, strict=True)))
-        pytest.fail(f"the two-process run failed or timed out (limit {TIMEOUT_S} s):\n{logs}")
+        pytest.fail(f"the two-process run failed or timed out (limit {TIMEOUT_S} s; expected exit "
+                    f"{expected_code} from each):\n{logs}")
 
 
 def fed_batches(train_data, config, options) -> list[dict[str, np.ndarray]]:
@@ -261,3 +268,29 @@ def test_workdir_files_are_written_once(two_processes):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "3", "4"]  # no orbax temporaries
     assert sorted(os.listdir(workdir)) == ["checkpoints", "label_map.json", "metrics.jsonl", "run.json",
                                            "summary.json"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(tmp_path):
+    """A preemption notice reaches one host: process 0 gets SIGTERM while loading step 1's batch.
+
+    The processes agree through a collective read one step later (`train._SignalVote`), so both stop
+    after step 3 (index 2), save that checkpoint together, once, and exit 143; run again, they
+    resume from it and finish. Checkpoints only on stopping and at the end (`--checkpoint_every 100`).
+    """
+    workdir = tmp_path / "workdir"
+    interrupted = _start_workers(tmp_path, workdir, "interrupted_", [
+        ["--checkpoint_every", "100", "--sigterm_at_step", "1"], ["--checkpoint_every", "100"]])
+    _wait(interrupted, time.monotonic() + TIMEOUT_S, expected_code=128 + signal.SIGTERM)
+    summaries = [json.load(open(tmp_path / f"interrupted_result{p}.json"))["summary"] for p in range(NUM_PROCESSES)]
+    assert [(s["step"], s["finished"], s["stopped_by"]) for s in summaries] == [(3, False, "SIGTERM")] * NUM_PROCESSES
+    assert "received SIGTERM" in open(tmp_path / "interrupted_process0.log").read()
+    assert "received SIGTERM" not in open(tmp_path / "interrupted_process1.log").read()
+    assert os.listdir(workdir / "checkpoints") == ["3"]
+
+    resumed = _start_workers(tmp_path, workdir, "resumed_", [["--checkpoint_every", "100"]] * NUM_PROCESSES)
+    _wait(resumed, time.monotonic() + TIMEOUT_S)
+    results = [json.load(open(tmp_path / f"resumed_result{p}.json")) for p in range(NUM_PROCESSES)]
+    assert all(r["summary"]["finished"] and r["summary"]["step"] == NUM_STEPS for r in results)
+    assert all(len(r["batch_indices"]) == NUM_STEPS - 3 for r in results)  # only the step left to train
+    assert results[0]["summary"] == results[1]["summary"] and "eval/mAP" in results[0]["summary"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "4"]
