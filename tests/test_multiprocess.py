@@ -201,9 +201,11 @@ def _relative_difference(ours: dict, theirs: dict, part: str) -> float:
 # pass, and Flax's fast variance E[x^2] - E[x]^2 loses digits when a channel varies little, as these
 # upsampled 8x8 digits do; its first gradient is the least precise (with use_fast_variance=False
 # the step-1 difference drops 40-fold). The optimiser state (momentum: a sum of gradients) carries the
-# gradients' rounding directly; parameters only through the learning rate.
+# gradients' rounding directly; parameters only through the learning rate. Since 1x1 convolutions run
+# as matrix products on CPU (models/conv_forms.py), CI measured an 8-device optimiser-state difference
+# of 2.2e-3 at step 3, with params and batch_stats still within their tolerances.
 TOLERANCES = {
-    "1 process x 8 devices": {"params": 1e-4, "batch_stats": 1e-5, "opt_state": 1e-3},
+    "1 process x 8 devices": {"params": 1e-4, "batch_stats": 1e-5, "opt_state": 5e-3},
     "1 process x 1 device": {"params": 5e-3, "batch_stats": 1e-5, "opt_state": 5e-2},
 }
 
