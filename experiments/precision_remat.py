@@ -66,6 +66,8 @@ GIB = 2**30
 def train_variant(model_name: str, variant: str, args, data) -> dict:
     """Trains one model in one variant for `args.steps` steps; returns its losses and held-out metrics."""
     template_name, overrides, metric = MODELS[model_name]
+    if args.per_item_lrate is not None:
+        overrides = {**overrides, "per_item_lrate": args.per_item_lrate}
     steps_per_epoch = 10
     config = templates.get(template_name).config(
         **overrides, image_size=args.image_size, batch_size=args.batch_size,
@@ -195,6 +197,8 @@ def main() -> None:
     parser.add_argument("--memory_batch_size", type=int, default=128)
     parser.add_argument("--memory_classes", type=int, default=1000)
     parser.add_argument("--no_memory", action="store_true")
+    parser.add_argument("--per_item_lrate", type=float, default=None,
+                        help="override every trained model's per_item_lrate (default: each model's in MODELS)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                       "precision_remat"))
     args = parser.parse_args()
