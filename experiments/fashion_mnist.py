@@ -82,7 +82,8 @@ def _with_lrate(setting: str, per_item_lrate: str) -> tuple:
 # The learning-rate probes: one more per_item_lrate per template, chosen between on the holdout metrics.
 # The classifiers' loss spikes at 0.001 (lr 0.032 at batch 32), so they probe lower; ArcFace probes higher.
 SETTINGS.update({f"{setting}_lr{lrate}": _with_lrate(setting, lrate) for setting, lrate in
-                 [("inception_bn_softmax", "0.0003"), ("resnext_softmax", "0.0003"), ("resnet_arcface", "0.001")]})
+                 [("inception_bn_softmax", "0.0003"), ("resnext_softmax", "0.0003"), ("resnet_arcface", "0.001"),
+                  ("inception_bn_sigmoid", "0.0003"), ("resnext_sigmoid", "0.0003")]})
 BASELINE = "raw_pixels"
 
 
