@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import _same_step as same_step
 import jaxembed
 from jaxembed import data as data_lib
 from jaxembed import parallel, templates, train
@@ -148,18 +149,23 @@ def test_eight_devices_give_the_same_step_as_one(digits):
     config = tiny_config("inception_bn")
     run = train.prepare_run(config, OPTIONS, digits)
     batch = next(data_lib.train_batches(run.train_data, image_size=32, batch_size=8, seed=0))
-    results = []
-    for devices in (jax.devices()[:1], jax.devices()[:8]):
+    # One image of the 8 replaced by another: what a device reading the wrong rows would train on.
+    wrong_batch = {name: rows[[0, 1, 2, 3, 4, 5, 6, 0]] for name, rows in batch.items()}
+    steps = {}
+    for name, devices, fed in (("one device", jax.devices()[:1], batch), ("eight devices", jax.devices()[:8], batch),
+                               ("one device, wrong batch", jax.devices()[:1], wrong_batch)):
         mesh_run = dataclasses.replace(run, mesh=parallel.make_mesh(devices))
-        init, step, _ = train.compile_steps(mesh_run)
+        init, step, _ = train.compile_steps(mesh_run)  # compiled once per mesh: the third is a cache hit
         state = init(jax.random.PRNGKey(0))
-        state, metrics = step(state, parallel.global_batch(batch, mesh_run.mesh))
-        results.append((float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(state.params)],
-                        [np.asarray(x) for x in jax.tree.leaves(state.batch_stats)]))
-    (loss1, params1, stats1), (loss8, params8, stats8) = results
-    assert loss1 == pytest.approx(loss8, rel=1e-5)
-    for x, y in zip(params1 + stats1, params8 + stats8, strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)  # summation order differs
+        start = same_step.state_leaves(state)
+        state, metrics = step(state, parallel.global_batch(fed, mesh_run.mesh))
+        steps[name] = (float(metrics["loss"]), start, same_step.state_leaves(state))
+    (loss1, start, one), (loss8, _, eight) = steps["one device"], steps["eight devices"]
+    assert loss1 == pytest.approx(loss8, rel=1e-5)  # the same forward pass, summed in another order
+    same_step.assert_same_step(eight, one, start, " on 8 devices")  # see tests/_same_step.py
+    # The measure tells rounding from a real mistake.
+    wrong = same_step.difference(steps["one device, wrong batch"][2], one, start, "params")
+    assert wrong > 3 * same_step.STEP_TOLERANCE
 
 
 def test_batch_size_must_divide_over_devices(digits):
