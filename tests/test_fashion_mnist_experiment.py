@@ -1,23 +1,17 @@
 """experiments/fashion_mnist.py's idx reader and PNG cache, on small synthetic idx files (no training)."""
 
 import gzip
-import importlib.util
-import pathlib
 
 import numpy as np
 import pytest
 
+import _experiment_script as experiment_script
 from jaxembed import data as data_lib
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "fashion_mnist.py"
 
 
 @pytest.fixture(scope="module")
 def fashion():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_script.load("fashion_mnist")
 
 
 def _write_idx(path, array: np.ndarray, *, magic: bytes | None = None, extra: bytes = b"") -> str:
@@ -60,7 +54,7 @@ def test_cache_folder_reads_back_with_concept_names(fashion, tmp_path):
     loaded = data_lib.load_source(folder)
     assert sorted(loaded.concepts) == sorted(fashion.folder_name(c) for c in fashion.CONCEPTS)
     assert {"T-shirt_top", "Ankle_boot"} <= set(loaded.concepts)
-    for item, item_labels in zip(loaded.items, loaded.labels):
+    for item, item_labels in zip(loaded.items, loaded.labels, strict=True):
         concept = loaded.concepts[item_labels[0]]
         label = [fashion.folder_name(c) for c in fashion.CONCEPTS].index(concept)
         np.testing.assert_array_equal(data_lib.decode_image(item)[..., 0], images[label])

@@ -1,21 +1,16 @@
 """experiments/omniglot.py's test set: background_small2 without the concepts background_small1 also has."""
 
-import importlib.util
 import os
-import pathlib
 
 import pytest
 
+import _experiment_script as experiment_script
 from jaxembed import data as data_lib
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "omniglot.py"
 
 
 @pytest.fixture(scope="module")
 def omniglot():
-    spec = importlib.util.spec_from_file_location("omniglot_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = experiment_script.load("omniglot")
     if not os.path.isdir(module.SHARED):
         pytest.skip(f"the shared Omniglot zips are not at {module.SHARED}")
     return module

@@ -1,0 +1,15 @@
+"""Import a script of experiments/ (not a package) as a module, for tests of its helpers."""
+
+import importlib.util
+import pathlib
+from types import ModuleType
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load(name: str) -> ModuleType:
+    """experiments/<name>.py, executed as module `<name>_experiment` (its main() is not run)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_experiment", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
