@@ -152,14 +152,15 @@ def test_eight_devices_give_the_same_step_as_one(digits):
     # One image of the 8 replaced by another: what a device reading the wrong rows would train on.
     wrong_batch = {name: rows[[0, 1, 2, 3, 4, 5, 6, 0]] for name, rows in batch.items()}
     steps = {}
-    for name, devices, fed in (("one device", jax.devices()[:1], batch), ("eight devices", jax.devices()[:8], batch),
-                               ("one device, wrong batch", jax.devices()[:1], wrong_batch)):
+    for devices, fed_batches in ((jax.devices()[:1], {"one device": batch, "one device, wrong batch": wrong_batch}),
+                                 (jax.devices()[:8], {"eight devices": batch})):
         mesh_run = dataclasses.replace(run, mesh=parallel.make_mesh(devices))
-        init, step, _ = train.compile_steps(mesh_run)  # compiled once per mesh: the third is a cache hit
-        state = init(jax.random.PRNGKey(0))
-        start = same_step.state_leaves(state)
-        state, metrics = step(state, parallel.global_batch(fed, mesh_run.mesh))
-        steps[name] = (float(metrics["loss"]), start, same_step.state_leaves(state))
+        init, step, _ = train.compile_steps(mesh_run)
+        for name, fed in fed_batches.items():
+            state = init(jax.random.PRNGKey(0))
+            start = same_step.state_leaves(state)
+            state, metrics = step(state, parallel.global_batch(fed, mesh_run.mesh))
+            steps[name] = (float(metrics["loss"]), start, same_step.state_leaves(state))
     (loss1, start, one), (loss8, _, eight) = steps["one device"], steps["eight devices"]
     assert loss1 == pytest.approx(loss8, rel=1e-5)  # the same forward pass, summed in another order
     same_step.assert_same_step(eight, one, start, " on 8 devices")  # see tests/_same_step.py
