@@ -1,0 +1,197 @@
+"""Exact (and, on TPU, approximate) top-k inner-product search with the index rows split over a mesh.
+
+    rows = place_rows(vectors, row_mesh())             # (N, D) float32 -> ShardedRows over every device
+    scores, ids = top_k(rows, queries, k=10)           # (Q, D) -> (Q, k) float32, (Q, k) int32
+
+The index rows are cut into one contiguous slice per device of a 1-D mesh (axis `"rows"`), so an index
+larger than one device's memory fits as long as each slice does. Every device scans its slice in
+blocks of `block` rows: one matrix product `queries @ block.T` and a top-k per block, merged into the
+device's running top-k. The devices' candidates, `(devices, Q, k)`, are then merged once. Rows added to
+make the slices equal are scored -inf, so they never win over a real row.
+
+Ties are broken like a stable sort on the negated score: on equal scores the lower row index comes
+first. `lax.top_k` returns equal values in index order, and every merge concatenates the candidates in
+row order (earlier blocks before later ones, device 0 before device 1), so the order survives merging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+ROWS = "rows"  # the mesh axis the index rows are split over
+
+# Rows scored per matrix product: large enough to keep the matmul efficient, small enough that the
+# (queries, block) score matrix stays a few hundred MB for a thousand queries.
+DEFAULT_BLOCK_ROWS = 32768
+
+
+def row_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh named `"rows"` over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (ROWS,))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How `count` rows are padded and split over `num_devices` devices, in blocks of `block` rows.
+
+    Attributes:
+      count: real rows.
+      num_devices: devices on the mesh axis.
+      block: rows per matrix product; divides `rows_per_device`.
+      rows_per_device: rows each device holds, padding included.
+    """
+
+    count: int
+    num_devices: int
+    block: int
+    rows_per_device: int
+
+    @property
+    def padded_count(self) -> int:
+        return self.num_devices * self.rows_per_device
+
+
+def row_layout(count: int, num_devices: int, block_rows: int = DEFAULT_BLOCK_ROWS) -> RowLayout:
+    """The smallest padding that gives every device the same whole number of blocks.
+
+    The block is `block_rows`, or less when a device's share is smaller (rounded up to 8 rows).
+    """
+    if count < 1:
+        raise ValueError(f"the index is empty (count={count}); add vectors before searching")
+    if num_devices < 1 or block_rows < 1:
+        raise ValueError(f"need num_devices >= 1 and block_rows >= 1, got {num_devices=}, {block_rows=}")
+    share = math.ceil(count / num_devices)
+    block = min(block_rows, 8 * math.ceil(share / 8))
+    return RowLayout(count, num_devices, block, block * math.ceil(share / block))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedRows:
+    """Index rows placed on a mesh for `top_k`.
+
+    Attributes:
+      rows: float32 `(layout.padded_count, D)`, sharded `P("rows", None)`; padding rows are zeros.
+      layout: the padding and blocks.
+      mesh: the 1-D mesh holding them.
+    """
+
+    rows: jax.Array
+    layout: RowLayout
+    mesh: Mesh
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows split over the mesh's `"rows"` axis, the embedding dimension whole on each device."""
+    return NamedSharding(mesh, P(ROWS, None))
+
+
+def place_rows(vectors: np.ndarray, mesh: Mesh, *, block_rows: int = DEFAULT_BLOCK_ROWS) -> ShardedRows:
+    """Puts `vectors` (float32 `(N, D)`, e.g. a memory-mapped array) on `mesh`, one slice per device.
+
+    Each device's slice is cut and padded on the host on its own, so the padded whole is never copied.
+    """
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be (N, D), got shape {vectors.shape}")
+    layout = row_layout(len(vectors), mesh.shape[ROWS], block_rows)
+
+    def shard(index: tuple[slice, slice]) -> np.ndarray:
+        start, stop = index[0].start or 0, index[0].stop or layout.padded_count
+        part = np.zeros((stop - start, vectors.shape[1]), np.float32)
+        real = vectors[start:min(stop, layout.count)]
+        part[:len(real)] = real
+        return part
+
+    rows = jax.make_array_from_callback((layout.padded_count, vectors.shape[1]), row_sharding(mesh), shard)
+    return ShardedRows(rows, layout, mesh)
+
+
+def top_k(rows: ShardedRows, queries: np.ndarray | jax.Array, k: int, *,
+          recall_target: float | None = None) -> tuple[jax.Array, jax.Array]:
+    """The `k` rows with the largest inner product with each query.
+
+    Args:
+      rows: the index rows on their mesh.
+      queries: float32 `(Q, D)`.
+      k: results per query, 1 <= k <= the number of real rows.
+      recall_target: None for exact search; a value in (0, 1] selects with `lax.approx_max_k` at that
+        expected recall (approximate on TPU only; other backends compute it exactly).
+
+    Returns:
+      `(scores, ids)`: float32 `(Q, k)` in decreasing order, and int32 `(Q, k)` row indices; equal
+      scores in increasing row order.
+    """
+    queries = jnp.asarray(queries, jnp.float32)
+    if queries.ndim != 2 or queries.shape[1] != rows.dim:
+        raise ValueError(f"queries must be (Q, {rows.dim}) to match the index, got shape {queries.shape}")
+    if not 1 <= k <= rows.layout.count:
+        raise ValueError(f"k={k} must be between 1 and the number of indexed vectors ({rows.layout.count})")
+    if recall_target is not None and not 0 < recall_target <= 1:
+        raise ValueError(f"recall_target must be in (0, 1], got recall_target={recall_target}")
+    queries = jax.device_put(queries, NamedSharding(rows.mesh, P()))
+    return _top_k(rows.rows, queries, k=k, count=rows.layout.count, block=rows.layout.block,
+                  mesh=rows.mesh, recall_target=recall_target)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "count", "block", "mesh", "recall_target"))
+def _top_k(rows: jax.Array, queries: jax.Array, *, k: int, count: int, block: int, mesh: Mesh,
+           recall_target: float | None) -> tuple[jax.Array, jax.Array]:
+    """`top_k` on placed arrays: per-device candidates `(devices, Q, k)`, then one merge."""
+    per_device = jax.shard_map(
+        functools.partial(_device_top_k, k=k, count=count, block=block, recall_target=recall_target),
+        mesh=mesh, in_specs=(P(ROWS, None), P()), out_specs=(P(ROWS), P(ROWS)))
+    scores, ids = per_device(rows, queries)  # (devices, Q, k), device order = row order
+    num_queries = queries.shape[0]
+    scores = scores.transpose(1, 0, 2).reshape(num_queries, -1)
+    ids = ids.transpose(1, 0, 2).reshape(num_queries, -1)
+    return _take_top_k(scores, ids, k)
+
+
+def _device_top_k(rows: jax.Array, queries: jax.Array, *, k: int, count: int, block: int,
+                  recall_target: float | None) -> tuple[jax.Array, jax.Array]:
+    """One device's top-k over its slice `rows` `(R, D)`: returns `(1, Q, k)` scores and global ids."""
+    num_rows, dim = rows.shape
+    first_row = jax.lax.axis_index(ROWS) * num_rows
+    select = _selector(min(k, block), recall_target)
+
+    def scan_block(best, block_and_start):
+        block_rows, start = block_and_start
+        scores = jnp.dot(queries, block_rows.T, precision=jax.lax.Precision.HIGHEST)  # (Q, block)
+        ids = first_row + start + jnp.arange(block, dtype=jnp.int32)
+        scores = jnp.where(ids < count, scores, -jnp.inf)
+        block_scores, positions = select(scores)
+        candidates = (jnp.concatenate([best[0], block_scores], axis=1),
+                      jnp.concatenate([best[1], ids[positions]], axis=1))
+        return _take_top_k(*candidates, k), None
+
+    empty = (jnp.full((queries.shape[0], k), -jnp.inf, jnp.float32), jnp.full((queries.shape[0], k), -1, jnp.int32))
+    empty = jax.lax.pcast(empty, (ROWS,), to="varying")  # the carry differs per device, like its updates
+    starts = jnp.arange(0, num_rows, block, dtype=jnp.int32)
+    (scores, ids), _ = jax.lax.scan(scan_block, empty, (rows.reshape(-1, block, dim), starts))
+    return scores[None], ids[None]
+
+
+def _selector(k: int, recall_target: float | None):
+    """`scores (Q, n) -> (values (Q, k), positions (Q, k))`: exact top-k, or approx_max_k."""
+    if recall_target is None:
+        return lambda scores: jax.lax.top_k(scores, k)
+    return lambda scores: jax.lax.approx_max_k(scores, k, recall_target=recall_target)
+
+
+def _take_top_k(scores: jax.Array, ids: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The `k` best of candidates `(Q, n)` given in row order; ties keep that order."""
+    best, positions = jax.lax.top_k(scores, k)
+    return best, jnp.take_along_axis(ids, positions, axis=1)
