@@ -1,0 +1,288 @@
+"""Embed a collection of images into a search index directory.
+
+    python -m jaxembed.index --workdir runs/inception_bn --images FOLDER|MANIFEST --out INDEX
+
+    summary = build_index("runs/inception_bn", "photos/", "photos.index")   # the same, from Python
+    stored = read_index("photos.index")                                       # vectors, paths, labels, meta
+
+An index directory holds:
+
+- `meta.json`: the format, the run that made the vectors (absolute workdir, checkpoint step, embedding
+  dimension), the chunks in order, and every file that could not be read, with the reason;
+- `chunk-NNNNN.npy`: float32 `(n, D)` unit vectors, and `chunk-NNNNN.json`: their `paths` and `labels`
+  (the primary concept: the concept folder or the manifest's first concept; null for images directly in
+  the folder given).
+
+Vectors are written a chunk at a time: both chunk files atomically, then `meta.json` (atomically)
+records the chunk. A crash therefore loses at most the chunk being written, and running the same
+command again embeds only what `meta.json` does not list; a file left by a crash and never recorded is
+overwritten by the same name. The same command with a collection that has grown adds the new files.
+One process writes an index at a time (`fileio.exclusive_lock`); a second exits with status 2.
+An index belongs to one run and checkpoint: adding with another is refused, naming both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+
+from jaxembed import cli, fileio
+
+log = logging.getLogger("jaxembed.index")
+
+FORMAT = "jaxembed-index/1"
+META = "meta.json"
+DEFAULT_CHUNK_SIZE = 4096  # vectors per chunk file: the most a crash can cost to redo
+
+
+@dataclasses.dataclass(frozen=True)
+class RunId:
+    """Which model made an index's vectors: a run's absolute workdir, its checkpoint step, the dimension."""
+
+    workdir: str
+    step: int
+    dim: int
+
+    def describe(self) -> str:
+        return f"run {self.workdir} at checkpoint step {self.step} (dimension {self.dim})"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredIndex:
+    """The contents of an index directory.
+
+    Attributes:
+      vectors: float32 `(N, D)` unit vectors, in the order they were added.
+      paths: `N` image paths.
+      labels: `N` primary concepts (None where the image had none).
+      meta: `meta.json`.
+    """
+
+    vectors: np.ndarray
+    paths: tuple[str, ...]
+    labels: tuple[str | None, ...]
+    meta: dict
+
+    @property
+    def run(self) -> RunId:
+        return RunId(**self.meta["run"])
+
+
+def read_meta(index_dir: str) -> dict | None:
+    """`index_dir/meta.json`, or None when the directory holds no index yet."""
+    path = os.path.join(index_dir, META)
+    if not os.path.exists(path):
+        return None
+    meta = fileio.read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a jaxembed index (expected format {FORMAT!r})")
+    return meta
+
+
+def read_index(index_dir: str) -> StoredIndex:
+    """Everything `meta.json` records in `index_dir` (files not recorded, left by a crash, are ignored).
+
+    Raises:
+      FileNotFoundError: `index_dir` holds no index.
+    """
+    meta = read_meta(index_dir)
+    if meta is None:
+        raise FileNotFoundError(f"{index_dir} is not an index: it has no {META} (build one with python -m jaxembed.index)")
+    vectors = [np.zeros((0, meta["run"]["dim"]), np.float32)]
+    vectors += [np.load(os.path.join(index_dir, chunk + ".npy")) for chunk in meta["chunks"]]
+    records = [fileio.read_json(os.path.join(index_dir, chunk + ".json")) for chunk in meta["chunks"]]
+    return StoredIndex(np.concatenate(vectors), tuple(p for r in records for p in r["paths"]),
+                       tuple(label for r in records for label in r["labels"]), meta)
+
+
+def stored_paths(index_dir: str, meta: dict) -> list[str]:
+    """The image paths the chunks recorded in `meta` hold, in order (the vectors are not read)."""
+    return [path for chunk in meta["chunks"]
+            for path in fileio.read_json(os.path.join(index_dir, chunk + ".json"))["paths"]]
+
+
+def check_run(meta: dict, run: RunId, index_dir: str) -> None:
+    """Raises ValueError naming both runs when the index in `index_dir` was made by another run."""
+    stored = RunId(**meta["run"])
+    if stored != run:
+        raise ValueError(
+            f"{index_dir} holds vectors of {stored.describe()}; refusing to add vectors of {run.describe()}. "
+            "Use a new --out directory for another run or checkpoint.")
+
+
+def collection_labels(images) -> list[str | None]:
+    """Per image of a `LabelledImages` from a folder or manifest: its primary concept, or None for an
+    image directly in the source folder (a plain folder of images has no concepts)."""
+    root = images.source if os.path.isdir(images.source) else None
+    return [None if root is not None and os.path.dirname(name) == root else images.concepts[labels[0]]
+            for name, labels in zip(images.item_names, images.labels)]
+
+
+def load_collection(spec: str):
+    """The images of a folder (concept sub-folders or none) or a .csv/.jsonl manifest, as `LabelledImages`."""
+    from jaxembed import data as data_lib  # imported on use: TensorFlow is slow to start
+
+    if spec in (None, data_lib.sources.DEFAULT_SPEC) or str(spec).startswith("tfds:"):
+        raise ValueError(f"--images must be a folder or a .csv/.jsonl manifest of image files, got {spec!r}")
+    return data_lib.load_source(spec)
+
+
+def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
+                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True) -> dict:
+    """Embeds the images of `images` not yet in the index `out` with the newest checkpoint of `workdir`.
+
+    Args:
+      workdir: a training workdir.
+      images: a folder (with or without concept sub-folders) or a .csv/.jsonl manifest.
+      out: the index directory (created if missing).
+      batch_size: images per model call.
+      chunk_size: images per chunk file; a multiple of batch_size.
+      progress: show a progress bar.
+
+    Returns:
+      `{"index", "added", "already_stored", "skipped", "count"}` (skipped: unreadable files named in meta).
+
+    Raises:
+      DirectoryBusy: another process is writing `out`.
+      ValueError: a bad parameter, no usable image, or `out` belongs to another run or dimension.
+      FileNotFoundError: no such workdir, checkpoint or image source.
+    """
+    if batch_size < 1 or chunk_size < batch_size or chunk_size % batch_size:
+        raise ValueError(f"chunk_size must be a positive multiple of batch_size, got {chunk_size=}, {batch_size=}")
+    out = os.path.abspath(out)
+    with fileio.exclusive_lock(out):
+        meta = read_meta(out)
+        embedder, run = load_run(workdir)
+        if meta is None:
+            meta = {"format": FORMAT, "run": dataclasses.asdict(run), "chunks": [], "count": 0, "bad_files": {}}
+        check_run(meta, run, out)
+        data = load_collection(images)
+        stored = set(stored_paths(out, meta))
+        todo = [i for i, name in enumerate(data.item_names) if name not in stored]
+        log.info("%s: %d images, %d already stored, %d to embed", images, len(data), len(data) - len(todo), len(todo))
+        bad = {**meta["bad_files"], **{bad.path: bad.reason for bad in data.bad_files}}
+        meta = _record(out, meta, bad_files={path: reason for path, reason in bad.items() if path not in stored})
+        added = 0
+        for vectors, names, labels, failed in _embedded_chunks(embedder, data.subset(todo), collection_labels(data),
+                                                               todo, batch_size, chunk_size, progress):
+            meta = _write_chunk(out, meta, vectors, names, labels, failed)
+            added += len(names)
+        return {"index": out, "added": added, "already_stored": len(data) - len(todo),
+                "skipped": len(meta["bad_files"]), "count": meta["count"]}
+
+
+def load_run(workdir: str):
+    """`(Embedder, RunId)` of the newest checkpoint of `workdir`."""
+    import jax
+
+    import jaxembed
+
+    step = latest_step(workdir)
+    embedder = jaxembed.load(workdir, step=step)
+    size = embedder.image_size
+    shape = jax.eval_shape(embedder.embed_fn, embedder.variables, jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
+    return embedder, RunId(os.path.abspath(workdir), step, int(shape.shape[-1]))
+
+
+def latest_step(workdir: str) -> int:
+    """The newest checkpoint step of the training workdir."""
+    import orbax.checkpoint as ocp
+
+    checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise FileNotFoundError(f"{workdir} has no checkpoints folder: is it a jaxembed training workdir?")
+    with ocp.CheckpointManager(checkpoints) as manager:
+        step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}")
+    return int(step)
+
+
+def _embedded_chunks(embedder, todo_images, labels: list[str | None], todo: list[int], batch_size: int,
+                     chunk_size: int, progress: bool):
+    """Yields `(vectors (n, D) float32, paths, labels, failed {path: reason})` per `chunk_size` images."""
+    from tqdm.auto import tqdm
+
+    from jaxembed import data as data_lib
+
+    if not todo:
+        return
+    batches = data_lib.eval_batches(todo_images, image_size=embedder.image_size, batch_size=batch_size)
+    per_chunk = chunk_size // batch_size
+    parts: list = []
+    for number, batch in enumerate(tqdm(batches, total=math.ceil(len(todo) / batch_size), desc="index",
+                                        unit="batch", disable=not progress), start=1):
+        parts.append((np.asarray(embedder.apply_fn(embedder.variables, batch["image"])["embedding"]), batch))
+        if number % per_chunk == 0:
+            yield _gather(parts, todo_images, labels, todo)
+            parts = []
+    if parts:
+        yield _gather(parts, todo_images, labels, todo)
+
+
+def _gather(parts, todo_images, labels, todo):
+    """The real rows of embedded batches, and the images that failed to decode."""
+    vectors, names, chunk_labels, failed = [], [], [], {}
+    for embeddings, batch in parts:
+        for row, position in enumerate(batch["index"]):
+            if position < 0:
+                continue  # padding
+            name = todo_images.item_names[position]
+            if batch["mask"][row]:
+                vectors.append(embeddings[row])
+                names.append(name)
+                chunk_labels.append(labels[todo[position]])
+            else:
+                failed[name] = "could not be decoded when embedding"
+    dim = parts[0][0].shape[1]
+    return np.asarray(vectors, np.float32).reshape(-1, dim), names, chunk_labels, failed
+
+
+def _write_chunk(out: str, meta: dict, vectors: np.ndarray, paths: list[str], labels: list[str | None],
+                 failed: dict[str, str]) -> dict:
+    """Writes one chunk's two files, then records it in meta.json; returns the new meta."""
+    name = f"chunk-{len(meta['chunks']):05d}"
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    fileio.write_bytes(os.path.join(out, name + ".npy"), buffer.getvalue())
+    fileio.write_json(os.path.join(out, name + ".json"), {"paths": paths, "labels": labels})
+    added = set(paths)
+    bad = {path: reason for path, reason in {**meta["bad_files"], **failed}.items() if path not in added}
+    return _record(out, meta, chunks=meta["chunks"] + [name], count=meta["count"] + len(paths), bad_files=bad)
+
+
+def _record(out: str, meta: dict, **changes) -> dict:
+    """meta.json with `changes`, written atomically; returns it."""
+    meta = {**meta, **changes}
+    fileio.write_json(os.path.join(out, META), meta)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxembed.index", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the training workdir whose newest checkpoint embeds")
+    parser.add_argument("--images", required=True, help="a folder of images (concept sub-folders optional) or a .csv/.jsonl manifest")
+    parser.add_argument("--out", required=True, help="the index directory (created, or added to)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per chunk file (a multiple of batch_size)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    def work() -> None:
+        summary = build_index(args.workdir, args.images, args.out, batch_size=args.batch_size,
+                              chunk_size=args.chunk_size, progress=not args.no_progress)
+        print(json.dumps(summary))
+
+    return cli.run_tool(parser.prog, work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
