@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -21,10 +20,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
-from jaxembed import templates
+from jaxembed import parallel, rundir, tasks, templates
 
 log = logging.getLogger("jaxembed.embed")
 
@@ -74,45 +75,28 @@ class Embedder:
         """L2-normalised float32 embeddings `(N, D)` of uint8 images (one HxWx3 array, a list or a batch)."""
         return self._outputs(images)["embedding"]
 
+    @property
+    def task(self) -> tasks.Task:
+        return tasks.for_config(self.config)
+
     def predict(self, images: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """Concept probabilities `(N, num_concepts)`: sigmoid (logreg=1) or softmax (logreg=0)."""
-        if self.config.template.head != "classifier":
+        if isinstance(self.task, tasks.ArcFace):
             raise ValueError(f"template {self.config.template.name!r} has no classifier; use the embeddings")
-        logits = self._outputs(images)["logits"]
-        return np.asarray(jax.nn.sigmoid(logits) if self.config.logreg else jax.nn.softmax(logits, axis=-1))
+        return self.task.predict(self._outputs(images))
 
 
 def load(workdir: str, *, step: int | None = None) -> Embedder:
-    """The embedder of the run in `workdir`, from its newest checkpoint (or `step`)."""
-    from jaxembed import train  # the model builder lives with the trainer
+    """The embedder of the run in `workdir`, from its newest checkpoint (or `step`).
 
-    run_path = os.path.join(workdir, "run.json")
-    if not os.path.exists(run_path):
-        raise FileNotFoundError(f"{run_path} not found: {workdir!r} is not a jaxembed training workdir")
-    with open(run_path) as f:
-        record = json.load(f)
-    config_values = dict(record["config"])
-    template = templates.get(config_values.pop("template"))
-    config = template.config(**config_values)
-    concepts = tuple(record["concepts"])
-    options = record.get("options", {})
-    model = train.build_model(config, len(concepts), dtype=train.DTYPES[options.get("dtype", "float32")])
-
-    checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(checkpoints, item_handlers=ocp.StandardCheckpointHandler()) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoints}")
-        # The saved TrainState restores as a tree of arrays; only params and batch_stats are kept.
-        # Restore onto one local device whatever device layout (hosts, devices) wrote the checkpoint.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              manager.item_metadata(step))
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    params = restored["params"]
-    if "centers" in params:  # ArcFace: a model-parallel run pads its centres (train.padded_class_count)
-        params = {**params, "centers": params["centers"][:, :len(concepts)]}
-    variables = jax.tree.map(jnp.asarray, {"params": params, "batch_stats": restored["batch_stats"]})
+    Reads the run through `jaxembed.rundir.RunDir` without locking it: safe while the run trains.
+    """
+    run = rundir.RunDir(workdir)
+    config, concepts = run.config(), run.concepts()
+    variables, _ = run.variables(step)
+    # The checkpoint's ArcFace centres lost their model-parallel padding: build the model unpadded.
+    model = tasks.build_model(config.replace(model_parallelism=1), len(concepts))
+    variables = jax.tree.map(jnp.asarray, variables)
 
     @jax.jit  # compiled once per Embedder and image batch shape; still usable inside the caller's jit
     def apply_fn(variables, images):
@@ -122,6 +106,47 @@ def load(workdir: str, *, step: int | None = None) -> Embedder:
         return model.apply(variables, images, train=False)["embedding"]
 
     return Embedder(embed_fn=embed_fn, variables=variables, config=config, concepts=concepts, apply_fn=apply_fn)
+
+
+def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, batch_size: int = 64,
+                  mesh: Mesh | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """Eval-mode outputs for every item of `images`: the one way a data set is embedded.
+
+    Args:
+      apply_fn: `(variables, images uint8 (B, S, S, 3)) -> {"embedding": ..., "logits"?: ...}`, e.g. an
+        `Embedder`'s `apply_fn` or the trainer's compiled eval step.
+      variables: its variables.
+      images: a `jaxembed.data.LabelledImages`.
+      image_size: the side S the images are centre-cropped to.
+      batch_size: images per call, across all devices (rounded up to a multiple of their count); the
+        last batch is padded, so one shape is compiled.
+      mesh: with a device mesh (`jaxembed.parallel.make_mesh`), each process loads its share of every
+        batch, the batch is split over all devices, and every process gets all the outputs.
+
+    Returns:
+      `embedding` float32 `(N, D)` unit vectors, `logits` `(N, C)` for classifiers, and `index` int64
+      `(N,)`, each row's position in `images`, ascending; an image that fails to decode is left out.
+    """
+    processes, process = jax.process_count(), jax.process_index()
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    parts: dict[str, list[np.ndarray]] = {}
+    batches = data_lib.eval_batches(images, image_size=image_size, batch_size=batch_size // processes,
+                                    process_index=process, process_count=processes)
+    for batch in tqdm(batches, desc="embed", unit="batch", total=-(-len(images) // batch_size),
+                      disable=not progress or process != 0):
+        pixels = batch["image"] if mesh is None else parallel.global_batch({"image": batch["image"]}, mesh)["image"]
+        outputs = {k: v for k, v in apply_fn(variables, pixels).items() if k in ("embedding", "logits")}
+        rows = {"mask": batch["mask"], "index": batch["index"].astype(np.int64)}
+        if processes > 1:  # global outputs and each process's own rows, gathered in the same process order
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+            rows = multihost_utils.process_allgather(rows, tiled=True)
+        for name, value in {**outputs, **rows}.items():
+            parts.setdefault(name, []).append(np.asarray(value))
+    joined = {name: np.concatenate(value) for name, value in parts.items()}
+    real = joined.pop("mask").astype(bool)
+    order = np.argsort(joined["index"][real], kind="stable")
+    return {name: value[real][order] for name, value in joined.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,21 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"jaxembed.embed: error: {error}", file=sys.stderr)
         return 1
-    embedder = dataclasses.replace(embedder, batch_size=args.batch_size)
-    from tqdm.auto import tqdm
-
-    paths, vectors, labels = [], [], []
-    for batch in tqdm(data_lib.eval_batches(images, image_size=embedder.image_size, batch_size=args.batch_size),
-                      desc="embed", unit="batch", total=-(-len(images) // args.batch_size)):
-        real = batch["mask"].astype(bool)
-        out = embedder.apply_fn(embedder.variables, batch["image"])
-        vectors.append(np.asarray(out["embedding"])[real])
-        for index in batch["index"][real]:
-            paths.append(images.item_names[index])
-            labels.append(images.concepts[images.labels[index][0]])
+    outputs = embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
+                            batch_size=args.batch_size, progress=True)
     for bad in images.bad_files:
         log.warning("skipped %s: %s", bad.path, bad.reason)
-    np.savez(args.out, paths=np.asarray(paths), embeddings=np.concatenate(vectors), labels=np.asarray(labels))
+    paths = np.asarray(images.item_names)[outputs["index"]]
+    labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
+    with open(args.out + ".tmp", "wb") as f:  # a crash never leaves half an .npz under the real name
+        np.savez(f, paths=paths, embeddings=outputs["embedding"], labels=labels)
+    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(paths)} embeddings to {args.out}")
     return 0
 

@@ -1,9 +1,4 @@
-"""Retrieval, few-shot and classification metrics on embeddings, logits and labels (NumPy, host side),
-and `python -m jaxembed.evaluate`.
-
-Retrieval metrics use leave-one-out search: each item queries all the others by cosine similarity
-(embeddings are unit vectors, so by dot product). N-way one-shot accuracy classifies items by their
-nearest of N labelled examples, as in the Omniglot benchmark.
+"""Embedding a data set and scoring it (`jaxembed.metrics`), and `python -m jaxembed.evaluate`.
 
     python -m jaxembed.evaluate --embeddings FILE.npz [--out metrics.json]     # from `python -m jaxembed.embed`
     python -m jaxembed.evaluate --workdir DIR --images FOLDER [--out metrics.json]
@@ -17,278 +12,31 @@ import sys
 
 import numpy as np
 
-# Queries are scored in blocks so that the similarity matrix never exceeds this many floats.
-_BLOCK_FLOATS = 1 << 24
+from jaxembed import data as data_lib
+from jaxembed import embed
+# The metrics, also reachable here (`evaluate.recall_at_k`, ...) where they were first published.
+from jaxembed.metrics import (concept_groups, map_at_r, max_n_way, mean_average_precision, n_way_one_shot_accuracy,
+                              recall_at_k, retrieval_metrics, top1_accuracy)
+
+# ----------------------------------------------------------------------------- scoring
 
 
-def _ranked_neighbours(embeddings: np.ndarray, k: int) -> np.ndarray:
-    """`(n, k)` indices of each item's k most similar other items, most similar first."""
-    embeddings = np.asarray(embeddings, np.float32)
-    n = len(embeddings)
-    k = min(k, n - 1)
-    block = max(1, _BLOCK_FLOATS // max(n, 1))
-    out = np.empty((n, k), np.int64)
-    for start in range(0, n, block):
-        sims = embeddings[start:start + block] @ embeddings.T
-        rows = np.arange(sims.shape[0])
-        sims[rows, start + rows] = -np.inf  # never retrieve the query itself
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < n else np.argsort(-sims, axis=1)
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        out[start:start + block] = np.take_along_axis(top, order, axis=1)
-    return out
-
-
-def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Recall@K: the fraction of items with at least one same-label item among their K nearest others,
-    over the items whose label at least one other item has.
+def classification_metrics(outputs: dict[str, np.ndarray], images, concepts, task) -> dict[str, float]:
+    """The task's classification metrics (top-1, mAP; none for ArcFace) on the images whose concepts
+    the model was trained on.
 
     Args:
-      embeddings: `(n, d)` unit vectors.
-      labels: `(n,)` integer labels.
-      ks: the K values.
-
-    Returns:
-      `{"recall@1": ..., "recall@5": ...}`.
-    """
-    labels = np.asarray(labels)
-    if len(labels) < 2:
-        raise ValueError(f"recall@k needs at least 2 items, got {len(labels)}")
-    # A query whose label no other item has can never hit: it is left out, as is usual.
-    counts = np.unique(labels, return_inverse=True, return_counts=True)
-    answerable = counts[2][counts[1].reshape(-1)] > 1
-    if not answerable.any():
-        raise ValueError("recall@k needs a label with at least 2 items")
-    neighbours = _ranked_neighbours(embeddings, max(ks))
-    hits = (labels[neighbours] == labels[:, None])[answerable]
-    return {f"recall@{k}": float(np.mean(hits[:, :k].any(axis=1))) for k in ks}
-
-
-def map_at_r(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """MAP@R (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", 2020).
-
-    For a query with R other items of its label: (1/R) * sum_{i<=R} precision@i * relevant(i),
-    averaged over queries with R >= 1.
-    """
-    labels = np.asarray(labels)
-    counts = np.bincount(np.unique(labels, return_inverse=True)[1])
-    same_label_others = counts[np.unique(labels, return_inverse=True)[1]] - 1
-    max_r = int(same_label_others.max(initial=0))
-    if max_r == 0:
-        raise ValueError("map@r needs at least one label with two or more items")
-    relevant = labels[_ranked_neighbours(embeddings, max_r)] == labels[:, None]
-    scores = []
-    for row, r in zip(relevant, same_label_others):
-        if r == 0:
-            continue
-        hits = row[:r]
-        precision = np.cumsum(hits) / np.arange(1, r + 1)
-        scores.append(np.sum(precision * hits) / r)
-    return float(np.mean(scores))
-
-
-def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Fraction of rows whose highest logit is the label."""
-    return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
-
-
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Multi-label mAP: average precision of each concept's ranking of the items, averaged over
-    concepts with at least one positive.
-
-    Args:
-      scores: `(n, num_concepts)` logits or probabilities.
-      targets: `(n, num_concepts)` multi-hot in {0, 1}.
-    """
-    scores, targets = np.asarray(scores), np.asarray(targets) > 0.5
-    aps = []
-    for concept in range(scores.shape[1]):
-        positives = targets[:, concept]
-        if not positives.any():
-            continue
-        order = np.argsort(-scores[:, concept], kind="stable")
-        hits = positives[order]
-        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-        aps.append(np.sum(precision * hits) / hits.sum())
-    return float(np.mean(aps))
-
-
-# ----------------------------------------------------------------------------- few-shot classification
-
-
-def _class_members(labels) -> tuple[np.ndarray, list[np.ndarray]]:
-    """`(class_of_item (n,), members)`: dense class ids and, per class, its item indices (ascending)."""
-    labels = np.asarray(labels)
-    if labels.size == 0:
-        return np.zeros(0, np.int64), []
-    class_of_item = np.unique(labels, return_inverse=True)[1].reshape(-1)
-    order = np.argsort(class_of_item, kind="stable")
-    counts = np.bincount(class_of_item)
-    return class_of_item, np.split(order, np.cumsum(counts)[:-1])
-
-
-def _classes_by_group(labels, groups) -> list[np.ndarray]:
-    """Per group, the classes with at least two items (a support and a query); each class in one group."""
-    class_of_item, members = _class_members(labels)
-    if groups is None:
-        group_of_item = np.zeros(len(class_of_item), np.int64)
-    else:
-        if len(groups) != len(class_of_item):
-            raise ValueError(f"groups has {len(groups)} entries but labels has {len(class_of_item)}")
-        group_of_item = np.unique(np.asarray(groups), return_inverse=True)[1].reshape(-1)
-    group_of_class = np.array([group_of_item[items[0]] for items in members], np.int64)
-    for c, items in enumerate(members):
-        if np.any(group_of_item[items] != group_of_class[c]):
-            raise ValueError(f"class {np.asarray(labels)[items[0]].item()!r} has items in more than one group")
-    usable = np.array([len(items) >= 2 for items in members])
-    return [np.flatnonzero(usable & (group_of_class == g)) for g in range(group_of_item.max(initial=-1) + 1)]
-
-
-def max_n_way(labels, groups=None) -> int:
-    """The largest `n_way` that `n_way_one_shot_accuracy` accepts for these labels and groups: the most
-    classes with two or more items that one group holds."""
-    return max((len(classes) for classes in _classes_by_group(labels, groups)), default=0)
-
-
-def n_way_one_shot_accuracy(embeddings: np.ndarray, labels, groups=None, *, n_way: int = 20,
-                            episodes: int = 1000, seed: int = 0) -> float:
-    """N-way one-shot classification accuracy by nearest support (the Omniglot protocol of Lake,
-    Salakhutdinov & Tenenbaum, "Human-level concept learning through probabilistic program induction", 2015).
-
-    Each episode picks a group uniformly among those with at least `n_way` usable classes (two or more
-    items), `n_way` of its classes, and one random support item per class. Every other item of those
-    classes is a query, classified as the class of its most cosine-similar support. The result is the
-    fraction of correct queries per episode, averaged over episodes.
-
-    Drawing an episode's classes from one group (e.g. the characters of one Omniglot alphabet) is what
-    makes the task hard: classes of one group look alike. Without `groups`, all items form one group.
-
-    Args:
-      embeddings: `(n, d)` float vectors (normalised here, so unit length is not required).
-      labels: `(n,)` class of each item, integers or strings.
-      groups: optional `(n,)` group of each item, integers or strings; a class must lie in one group.
-      n_way: classes per episode, >= 2.
-      episodes: number of episodes, >= 1.
-      seed: seeds the episode draws; the result is deterministic for a given seed.
-
-    Returns:
-      The mean accuracy in [0, 1] (chance is 1 / n_way).
-
-    Raises:
-      ValueError: `n_way` < 2, `episodes` < 1, mismatched lengths, a class in two groups, or no group
-        with `n_way` classes of two or more items (`max_n_way` gives the largest possible).
-
-    Example: with labels [a, a, b, b] and embeddings at angles 0, 60, 90, 100 degrees, 2-way episodes
-    whose support for `a` is the item at 0 misclassify the query at 60 (closer to `b`): accuracy 0.5;
-    the other half of the episodes score 1, so the expectation is 0.75.
-    """
-    if n_way < 2:
-        raise ValueError(f"n_way={n_way} must be >= 2")
-    if episodes < 1:
-        raise ValueError(f"episodes={episodes} must be >= 1")
-    embeddings = np.asarray(embeddings, np.float32)
-    if len(embeddings) != len(labels):
-        raise ValueError(f"embeddings has {len(embeddings)} rows but labels has {len(labels)}")
-    unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    _, members = _class_members(labels)
-    eligible = [classes for classes in _classes_by_group(labels, groups) if len(classes) >= n_way]
-    if not eligible:
-        raise ValueError(f"n_way={n_way} is more than any group holds: at most {max_n_way(labels, groups)} "
-                         "classes with two or more items share a group")
-    rng = np.random.default_rng(seed)
-    accuracies = np.empty(episodes)
-    for episode in range(episodes):
-        classes = rng.choice(eligible[rng.integers(len(eligible))], n_way, replace=False)
-        supports = np.array([members[c][rng.integers(len(members[c]))] for c in classes])
-        queries = np.concatenate([members[c][members[c] != s] for c, s in zip(classes, supports, strict=True)])
-        truth = np.repeat(np.arange(n_way), [len(members[c]) - 1 for c in classes])  # position in `classes`
-        predicted = np.argmax(unit[queries] @ unit[supports].T, axis=1)
-        accuracies[episode] = np.mean(predicted == truth)
-    return float(np.mean(accuracies))
-
-
-def concept_groups(concepts) -> np.ndarray | None:
-    """The group of each concept name for one-shot episodes: the first path component when every name
-    is a path (`Alphabet/character07` -> `Alphabet`, as in Omniglot folders), else None (one group)."""
-    concepts = [str(name) for name in concepts]
-    if not concepts or not all("/" in name for name in concepts):
-        return None
-    return np.asarray([name.split("/", 1)[0] for name in concepts])
-
-
-# ----------------------------------------------------------------------------- embedding a data set
-
-
-def embed_images(embedder, images, *, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Eval-mode outputs of `embedder` (a `jaxembed.embed.Embedder`) for every item of `images`.
-
-    Args:
-      embedder: the model, e.g. `jaxembed.load(workdir)`.
-      images: a `jaxembed.data.LabelledImages`.
-      batch_size: images per call (the last batch is padded, so one shape is compiled).
-
-    Returns:
-      `embedding` float32 `(N, D)` unit vectors and, for classifier templates, `logits` float32
-      `(N, num_concepts)`, in the order of `images`; an image that fails to decode is left out, so
-      `index` int64 `(N,)` gives each row's position in `images`.
-    """
-    import jax  # imported on use: the metrics above need only NumPy
-
-    from jaxembed import data as data_lib
-
-    apply = jax.jit(embedder.apply_fn)
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in data_lib.eval_batches(images, image_size=embedder.image_size, batch_size=batch_size):
-        real = batch["mask"].astype(bool)
-        outputs = {k: np.asarray(v) for k, v in apply(embedder.variables, batch["image"]).items()}
-        outputs["index"] = batch["index"].astype(np.int64)
-        for name, value in outputs.items():
-            parts.setdefault(name, []).append(value[real])
-    return {name: np.concatenate(value) for name, value in parts.items()}
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def retrieval_metrics(embeddings: np.ndarray, labels, *, n_way: int = 20, episodes: int = 1000,
-                      seed: int = 0) -> dict[str, float]:
-    """Recall@1/5, MAP@R and N-way one-shot accuracy of labelled embeddings, each where defined.
-
-    Args:
-      embeddings: `(n, d)` unit vectors.
-      labels: `(n,)` concept names (strings); `Alphabet/character` names group the one-shot episodes.
-      n_way: the one-shot episode size wanted; fewer when no group holds that many usable concepts
-        (the key says which: `one_shot_20way`).
-
-    Returns:
-      `num_images`, `num_concepts`, `recall@1`, `recall@5`, `map@r`, `one_shot_<n>way` (the ones the
-      data allow: e.g. no MAP@R when every concept has one image).
-    """
-    labels = np.asarray(labels)
-    class_ids = np.unique(labels, return_inverse=True)[1].reshape(-1)
-    metrics: dict[str, float] = {"num_images": len(labels), "num_concepts": len(np.unique(labels))}
-    if len(labels) and np.bincount(class_ids).max() >= 2:  # retrieval needs a concept seen twice
-        metrics.update(recall_at_k(embeddings, class_ids))
-        metrics["map@r"] = map_at_r(embeddings, class_ids)
-    groups = concept_groups(labels)
-    n = min(n_way, max_n_way(labels, groups))
-    if n >= 2:
-        metrics[f"one_shot_{n}way"] = n_way_one_shot_accuracy(embeddings, labels, groups, n_way=n,
-                                                              episodes=episodes, seed=seed)
-    return metrics
-
-
-def classification_metrics(outputs: dict[str, np.ndarray], images, concepts, *, logreg: bool) -> dict[str, float]:
-    """top-1 (softmax, `logreg=False`) or mAP (sigmoid) of a classifier on the images whose concepts
-    it was trained on.
-
-    Args:
-      outputs: `embed_images` outputs with `logits` `(N, len(concepts))` and `index` `(N,)`.
+      outputs: `jaxembed.embed.embed_dataset` outputs with `logits` `(N, len(concepts))` and `index` `(N,)`.
       images: the `LabelledImages` embedded; their concepts are matched to `concepts` by name.
       concepts: the model's concept names (index -> name).
+      task: the run's `jaxembed.tasks.Task`.
 
     Returns:
-      `num_classified` and `top1` or `mAP`; empty when no image shows only known concepts.
+      `num_classified` and the task's metrics; empty when there are no logits or no image shows only
+      known concepts.
     """
+    if "logits" not in outputs:
+        return {}
     position = {name: i for i, name in enumerate(concepts)}
     rows, targets = [], []
     for row, index in enumerate(outputs["index"]):
@@ -298,16 +46,19 @@ def classification_metrics(outputs: dict[str, np.ndarray], images, concepts, *, 
             targets.append([position[name] for name in names])
     if not rows:
         return {}
-    logits = outputs["logits"][rows]
-    metrics: dict[str, float] = {"num_classified": len(rows)}
-    if logreg:
-        multi_hot = np.zeros_like(logits)
-        for row, target in enumerate(targets):
-            multi_hot[row, target] = 1.0
-        metrics["mAP"] = mean_average_precision(logits, multi_hot)
-    else:
-        metrics["top1"] = top1_accuracy(logits, np.array([target[0] for target in targets]))
-    return metrics
+    return {"num_classified": len(rows), **task.metrics({"logits": outputs["logits"][rows]}, targets)}
+
+
+def dataset_metrics(outputs: dict[str, np.ndarray], images, concepts, task, **retrieval_options) -> dict[str, float]:
+    """`retrieval_metrics` of the embeddings by each image's primary concept, and the task's
+    `classification_metrics`: what the trainer reports on its held-out split and
+    `python -m jaxembed.evaluate` on any images."""
+    labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
+    return {**retrieval_metrics(outputs["embedding"], labels, **retrieval_options),
+            **classification_metrics(outputs, images, concepts, task)}
+
+
+# ----------------------------------------------------------------------------- command line
 
 
 def format_table(metrics: dict[str, float]) -> str:
@@ -350,27 +101,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.embeddings:
             with np.load(args.embeddings) as saved:
                 embeddings, labels = saved["embeddings"], saved["labels"].astype(str)
-            outputs, images, embedder = None, None, None
+            metrics = retrieval_metrics(embeddings, labels, n_way=args.n_way, episodes=args.episodes, seed=args.seed)
         else:
-            import jaxembed
-            from jaxembed import data as data_lib
-
-            embedder = jaxembed.load(args.workdir)
+            embedder = embed.load(args.workdir)
             images = data_lib.load_source(args.images)
-            outputs = embed_images(embedder, images, batch_size=args.batch_size)
-            embeddings = outputs["embedding"]
-            labels = np.asarray([images.concepts[images.labels[i][0]] for i in outputs["index"]])
+            outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
+                                    batch_size=args.batch_size)
+            labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
+            metrics = dataset_metrics(outputs, images, embedder.concepts, embedder.task, n_way=args.n_way,
+                                      episodes=args.episodes, seed=args.seed)
     except (FileNotFoundError, ValueError, KeyError) as error:
         print(f"jaxembed.evaluate: error: {error}", file=sys.stderr)
         return 1
-    metrics = retrieval_metrics(embeddings, labels, n_way=args.n_way, episodes=args.episodes, seed=args.seed)
     if f"one_shot_{args.n_way}way" not in metrics:
         groups = concept_groups(labels)
         print(f"jaxembed.evaluate: note: {max_n_way(labels, groups)} concepts with two or more images at most "
               f"{'share an alphabet (first path component)' if groups is not None else 'in all'}, fewer than "
               f"--n_way {args.n_way}: the one-shot key says the episode size used", file=sys.stderr)
-    if outputs is not None and "logits" in outputs:
-        metrics.update(classification_metrics(outputs, images, embedder.concepts, logreg=bool(embedder.config.logreg)))
     print(format_table(metrics))
     if args.out:
         text = json.dumps(metrics, indent=2)

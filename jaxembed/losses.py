@@ -9,13 +9,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxembed import parallel
+from jaxembed.parallel import DATA_AXIS, MODEL_AXIS
 
 # Keeps sqrt(1 - cos^2) and the norms differentiable where cos = +-1 or a vector is zero.
 _EPS = 1e-7
 
 
 def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """`x / ||x||` along `axis`; a zero vector stays zero (finite gradients everywhere)."""
+    """`x / ||x||` along `axis`; a zero vector stays zero (finite gradients everywhere).
+
+    The one normalisation of the library: embeddings, class centres and search vectors all use it.
+    """
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), _EPS * _EPS))
 
 
@@ -25,38 +32,10 @@ def as_float(x: jax.Array) -> jax.Array:
     return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 
 
-def arcface_logits(
-    embeddings: jax.Array, centers: jax.Array, labels: jax.Array, *, scale: float, margin: float
-) -> jax.Array:
-    """Scaled cosine logits with the additive angular margin on each row's target class.
-
-    With theta the angle between embedding i and the centre of class j:
-      logit[i, j] = scale * cos(theta)                 for j != labels[i]
-      logit[i, y] = scale * cos(theta + margin)         if theta + margin <= pi
-                  = scale * (cos(theta) - margin * sin(margin))   otherwise,
-    the fallback of Deng et al. (ArcFace, CVPR 2019) that keeps the target logit decreasing in theta.
-
-    Args:
-      embeddings: `(batch, embed_dim)`, need not be normalised.
-      centers: `(embed_dim, num_classes)` class centres, need not be normalised.
-      labels: `(batch,)` integer class indices.
-      scale: s, the radius of the hypersphere the logits live on.
-      margin: m, the additive angular margin in radians.
-
-    Returns:
-      `(batch, num_classes)` float logits.
-    """
-    cosine = l2_normalize(as_float(embeddings), axis=-1) @ l2_normalize(as_float(centers), axis=0)
-    one_hot = jax.nn.one_hot(labels, cosine.shape[-1], dtype=cosine.dtype)
-    cos_target = jnp.sum(cosine * one_hot, axis=-1)
-    cos_target_new = target_cosine_with_margin(cos_target, margin)
-    cosine = cosine + one_hot * (cos_target_new - cos_target)[:, None]
-    return scale * cosine
-
-
 def target_cosine_with_margin(cos_target: jax.Array, margin: float) -> jax.Array:
     """`cos(theta + m)` for target cosines `cos(theta)` of any shape, with ArcFace's fallback
-    `cos(theta) - m sin(m)` where theta + m > pi; finite gradients at cos = +-1."""
+    `cos(theta) - m sin(m)` where theta + m > pi (Deng et al., ArcFace, CVPR 2019), which keeps the
+    target logit decreasing in theta; finite gradients at cos = +-1."""
     sin_target = jnp.sqrt(jnp.clip(1.0 - cos_target * cos_target, _EPS, None))
     cos_with_margin = cos_target * jnp.cos(margin) - sin_target * jnp.sin(margin)
     # theta + m > pi  <=>  theta > pi - m  <=>  cos(theta) < cos(pi - m).
@@ -65,9 +44,24 @@ def target_cosine_with_margin(cos_target: jax.Array, margin: float) -> jax.Array
 
 
 def arcface_loss(
-    embeddings: jax.Array, centers: jax.Array, labels: jax.Array, *, scale: float, margin: float
+    embeddings: jax.Array, centers: jax.Array, labels: jax.Array, *, scale: float, margin: float,
+    mesh: Mesh | None = None, valid_classes: int | None = None,
 ) -> jax.Array:
-    """ArcFace loss: softmax cross-entropy over `arcface_logits`, averaged over the batch.
+    """ArcFace loss: softmax cross-entropy over scaled cosine logits with an additive angular margin
+    on each row's target class, averaged over the batch.
+
+    With theta the angle between embedding i and the centre of class j:
+      logit[i, j] = scale * cos(theta)                 for j != labels[i]
+      logit[i, y] = scale * cos(theta + margin)        if theta + margin <= pi, else
+                    scale * (cos(theta) - margin * sin(margin))   (`target_cosine_with_margin`).
+
+    With a `mesh` (`jaxembed.parallel.make_mesh`) the same loss runs class-sharded, as insightface's
+    Partial FC does: call it inside `jax.jit` with `centers` placed by `parallel.centers_sharding(mesh)`.
+    The centres stay split over the mesh's `model` axis and the logits over `(data, model)`, so the
+    full centre or logit matrix never exists on one device; sharding constraints say so and XLA's SPMD
+    partitioner places the collectives (an all-gather of the embeddings over `model`, all-reduces of
+    `(batch,)` vectors for the target cosine and the log-sum-exp). The formula is the same line for
+    line; only the layout differs, so it equals the dense loss up to float summation order.
 
     Args:
       embeddings: `(batch, embed_dim)`, need not be normalised.
@@ -75,9 +69,14 @@ def arcface_loss(
       labels: `(batch,)` integer class indices.
       scale: logit scale s (e.g. 64).
       margin: additive angular margin m in radians (e.g. 0.5).
+      mesh: optional `(data, model)` mesh to shard the classes over; the batch must divide by its
+        `data` size and the classes by its `model` size.
+      valid_classes: if given, only the first `valid_classes` columns of `centers` are classes; the
+        rest pad the class count to a multiple of the `model` size and are left out of the softmax
+        (zero gradient), so the loss equals the dense loss on `centers[:, :valid_classes]`.
 
     Returns:
-      The scalar mean loss.
+      The scalar mean loss, float32 (float64 for float64 inputs).
 
     Example:
       An embedding at 90 degrees to its class centre and on top of the other one: the target
@@ -87,8 +86,47 @@ def arcface_loss(
       >>> round(float(arcface_loss(e, c, jnp.array([0]), scale=16.0, margin=0.5)), 3)
       23.671
     """
-    logits = arcface_logits(embeddings, centers, labels, scale=scale, margin=margin)
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    logits, target_logit = _arcface_logits_and_targets(
+        embeddings, centers, labels, scale=scale, margin=margin, mesh=mesh, valid_classes=valid_classes)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - target_logit)
+
+
+def arcface_logits(
+    embeddings: jax.Array, centers: jax.Array, labels: jax.Array, *, scale: float, margin: float,
+    mesh: Mesh | None = None, valid_classes: int | None = None,
+) -> jax.Array:
+    """The `(batch, num_classes)` logits whose softmax cross-entropy `arcface_loss` is (arguments as there);
+    padding columns (`valid_classes`) are -inf."""
+    return _arcface_logits_and_targets(embeddings, centers, labels, scale=scale, margin=margin, mesh=mesh,
+                                       valid_classes=valid_classes)[0]
+
+
+def _arcface_logits_and_targets(embeddings, centers, labels, *, scale, margin, mesh, valid_classes):
+    """`(logits, target_logit (batch,))`; with a mesh, the layout constraints of `arcface_loss`."""
+    constrain = (lambda x, _: x) if mesh is None else jax.lax.with_sharding_constraint
+    if mesh is not None:
+        _check_divisible(embeddings.shape[0], centers.shape[-1], mesh)
+        labels = constrain(labels, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+    centers_layout = None if mesh is None else parallel.centers_sharding(mesh)
+    logits_layout = None if mesh is None else NamedSharding(mesh, PartitionSpec(DATA_AXIS, MODEL_AXIS))
+    # Normalising the centres is per class (over embed_dim), so it stays local to each class shard.
+    unit_centers = l2_normalize(constrain(as_float(centers), centers_layout), axis=0)
+    cosine = constrain(l2_normalize(as_float(embeddings), axis=-1) @ unit_centers, logits_layout)
+    # Which column is each row's class, from global class indices (iota is partitioned like cosine).
+    classes = jax.lax.broadcasted_iota(jnp.int32, cosine.shape, 1)
+    is_target = classes == labels.astype(jnp.int32)[:, None]
+    cos_target = jnp.sum(jnp.where(is_target, cosine, 0.0), axis=-1)  # (batch,)
+    target_logit = scale * target_cosine_with_margin(cos_target, margin)
+    logits = jnp.where(is_target, target_logit[:, None], scale * cosine)
+    if valid_classes is not None:
+        logits = jnp.where(classes < valid_classes, logits, -jnp.inf)
+    return logits, target_logit
+
+
+def _check_divisible(batch: int, num_classes: int, mesh: Mesh) -> None:
+    for name, size, axis in (("batch", batch, DATA_AXIS), ("num_classes", num_classes, MODEL_AXIS)):
+        if size % mesh.shape[axis]:
+            raise ValueError(f"{name}={size} must be divisible by the mesh's {axis} size ({mesh.shape[axis]})")
 
 
 def softmax_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:

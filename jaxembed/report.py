@@ -10,8 +10,8 @@ the configuration):
   neighbour framed green when it shows the query's concept and red when not;
 - a 2-D PCA projection of the embeddings, coloured by concept.
 
-The report images are the run's held-out split by default, recreated as the trainer made it (same data
-source, holdout kind, fraction and seed from `run.json`), or any source given as `images_source`.
+The report images are the run's held-out split by default (the images `split.json` names, from the
+data source `run.json` names), or any source given as `images_source`.
 Needs matplotlib (`pip install matplotlib`).
 """
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import html
-import json
 import logging
 import os
 import sys
@@ -29,7 +27,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxembed import evaluate
+from jaxembed import data as data_lib
+from jaxembed import embed, evaluate, rundir
+from jaxembed import metrics as metrics_lib
 
 log = logging.getLogger("jaxembed.report")
 
@@ -49,34 +49,16 @@ class ReportFiles(NamedTuple):
 
 
 def heldout_images(workdir: str):
-    """The held-out split of the run in `workdir`, recreated as `jaxembed.train` made it.
+    """The held-out images of the run in `workdir`: its data loaded again and cut by its split.json.
 
-    Returns:
-      `(images, note)`: a `LabelledImages`, and a sentence for the report when the recreated split's size
-      differs from the one `run.json` records (e.g. a run trained on data passed in memory, which
-      `run.json` names "default"), else None.
+    Raises:
+      ValueError: the data source no longer holds the images the run held out (the message names split.json).
     """
-    from jaxembed import data as data_lib
-    from jaxembed import templates, train
-
-    with open(os.path.join(workdir, "run.json")) as f:
-        record = json.load(f)
-    values = dict(record["config"])
-    config = templates.get(values.pop("template")).config(**values)
-    fields = {field.name for field in dataclasses.fields(train.TrainOptions)}
-    options = train.TrainOptions(**{k: v for k, v in record.get("options", {}).items() if k in fields})
-    spec = record.get("data")
-    data = data_lib.load_source(None if spec in (None, "default") else spec, data_dir=options.data_dir,
-                                depth=options.depth)
-    _, heldout = train._split(data, config, options)
-    expected = record.get("num_eval_images")
-    note = None
-    if expected is not None and expected != len(heldout):
-        note = (f"the recreated held-out split of {spec or 'default'} has {len(heldout)} images, but the run held "
-                f"out {expected} (different data than recorded, e.g. passed in memory, or a changed split), so "
-                f"these images may include training images")
-        log.warning(note)
-    return heldout, note
+    run = rundir.RunDir(workdir)
+    config, spec = run.config(), run.record().get("data")
+    data = data_lib.load_source(None if spec in (None, "default") else spec, data_dir=config.data_dir,
+                                depth=config.depth)
+    return run.heldout(data)
 
 
 def pca_2d(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,13 +93,6 @@ def pick_queries(labels: np.ndarray, num_queries: int, seed: int) -> np.ndarray:
     order = list(firsts) + [i for i in shuffled if i not in chosen]
     picked = np.asarray(order[:num_queries], np.int64)
     return picked[np.argsort(labels[picked], kind="stable")]
-
-
-def nearest_others(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """`(len(queries), k)` indices of each query's k most cosine-similar other images, nearest first."""
-    similarities = embeddings[queries] @ embeddings.T
-    similarities[np.arange(len(queries)), queries] = -np.inf  # never the query itself
-    return np.argsort(-similarities, axis=1, kind="stable")[:, :k]
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -260,34 +235,27 @@ def write_report(workdir: str, *, images_source: str | None = None, out_dir: str
     except ImportError as error:
         raise ImportError("jaxembed.report needs matplotlib: pip install matplotlib") from error
 
-    import jaxembed
-    from jaxembed import data as data_lib
-
     workdir = os.path.abspath(workdir)
     out_dir = out_dir or os.path.join(workdir, "report")
-    embedder = jaxembed.load(workdir)
+    embedder = embed.load(workdir)
     if images_source is None:
-        images, note = heldout_images(workdir)
+        images = heldout_images(workdir)
         described = f"the run's held-out split ({len(images)} images)"
     else:
-        images, note = data_lib.load_source(images_source), None
+        images = data_lib.load_source(images_source)
         described = f"{images_source} ({len(images)} images)"
     if len(images) > max_images:
         images = images.subset(np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False)))
         described += f", a random {max_images}"
-    outputs = evaluate.embed_images(embedder, images)
+    outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size)
     embeddings = outputs["embedding"]
-    labels = np.asarray([images.concepts[images.labels[i][0]] for i in outputs["index"]])
+    labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
     if len(labels) < 2:
         raise ValueError(f"a report needs at least 2 images; {described} gives {len(labels)}")
-    metrics = evaluate.retrieval_metrics(embeddings, labels, episodes=200, seed=seed)
-    if "logits" in outputs:
-        metrics.update(evaluate.classification_metrics(outputs, images, embedder.concepts,
-                                                       logreg=bool(embedder.config.logreg)))
+    metrics = evaluate.dataset_metrics(outputs, images, embedder.concepts, embedder.task, episodes=200, seed=seed)
 
-    record = _read_json(os.path.join(workdir, "run.json")) or {}
-    summary = _read_json(os.path.join(workdir, "summary.json")) or {}
-    records = _read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    run = rundir.RunDir(workdir)
+    record, summary, records = run.record(), run.summary() or {}, run.metrics()
 
     figure = Figure(figsize=(17, 10.5), dpi=100)  # not pyplot: no global state, no display needed
     layout = figure.add_gridspec(2, 3, width_ratios=[1, 1, 1.25], height_ratios=[1, 1.7], hspace=0.32, wspace=0.28,
@@ -297,7 +265,7 @@ def write_report(workdir: str, *, images_source: str | None = None, out_dir: str
     _plot_projection(figure.add_subplot(layout[1, :2]), embeddings, labels)
     queries = pick_queries(labels, num_queries, seed)
     if len(queries):  # none when every concept has a single image
-        neighbours = nearest_others(embeddings, queries, min(num_neighbours, len(labels) - 1))
+        neighbours = metrics_lib.nearest_others(embeddings, min(num_neighbours, len(labels) - 1), queries)
         hits = labels[neighbours] == labels[queries][:, None]
         pixels = {i: data_lib.preprocess_for_eval(data_lib.decode_image(images.items[outputs["index"][i]]),
                                                   embedder.image_size)
@@ -309,8 +277,6 @@ def write_report(workdir: str, *, images_source: str | None = None, out_dir: str
     figure.suptitle(_headline(workdir, embedder, summary), x=0.05, y=0.985, ha="left", fontsize=14,
                     fontweight="bold")
     figure.text(0.05, 0.935, f"images: {described}.  " + _metrics_line(metrics), fontsize=10, ha="left")
-    if note:
-        figure.text(0.05, 0.91, "Note: " + note, fontsize=9, ha="left", color="#b2182b")
 
     os.makedirs(out_dir, exist_ok=True)
     png_path, html_path = os.path.join(out_dir, "report.png"), os.path.join(out_dir, "report.html")
@@ -318,22 +284,8 @@ def write_report(workdir: str, *, images_source: str | None = None, out_dir: str
     with open(png_path, "rb") as f:
         png = f.read()
     with open(html_path, "w", encoding="utf-8") as f:
-        f.write(_html_page(workdir, embedder, record, summary, metrics, described, note, png))
+        f.write(_html_page(workdir, embedder, record, summary, metrics, described, png))
     return ReportFiles(png=png_path, html=html_path)
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _headline(workdir: str, embedder, summary: dict) -> str:
@@ -354,7 +306,7 @@ def _metrics_line(metrics: dict) -> str:
     return "   ".join(f"{_metric_label(name)} {value:.3f}" for name, value in shown.items())
 
 
-def _html_page(workdir, embedder, record, summary, metrics, described, note, png: bytes) -> str:
+def _html_page(workdir, embedder, record, summary, metrics, described, png: bytes) -> str:
     esc = html.escape
     final = {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")}
     names = list(dict.fromkeys([*metrics, *final]))
@@ -371,7 +323,6 @@ def _html_page(workdir, embedder, record, summary, metrics, described, note, png
     settings = {**record.get("config", {}), "data": record.get("data"),
                 **{k: record.get(k) for k in ("num_train_images", "num_eval_images", "steps_per_epoch", "total_steps")}}
     setting_rows = "\n".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in settings.items())
-    warning = f'<p class="note">Note: {esc(note)}.</p>' if note else ""
     image = base64.b64encode(png).decode("ascii")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -387,7 +338,6 @@ img {{ max-width: 100%; }}
 <body>
 <h1>{esc(_headline(workdir, embedder, summary))}</h1>
 <p>Workdir <code>{esc(workdir)}</code>. Report images: {esc(described)}.</p>
-{warning}
 <h2>Metrics</h2>
 <table>
 <tr><th>metric</th><th>report images</th><th>held-out, end of training</th></tr>

@@ -165,6 +165,7 @@ def search_images(index: Index, query: str, k: int, *, embedder=None, exclude_se
       Per query `{"query": path, "label": label or None, "results": [{"rank", "id", "path", "label",
       "score"}, ...]}` (k results, best first). A query stored in the index takes its stored label.
     """
+    index._check(np.zeros((0, index.dim), np.float32), k)  # an empty index or a bad k, before any work
     paths, labels = query_images(query)
     if embedder is None:
         import jaxembed

@@ -1,7 +1,10 @@
-"""The three training templates: their hyperparameters, ranges, defaults and validation.
+"""The one configuration of a run: the three templates' hyperparameters and the run options.
 
-Every hyperparameter is named once, here, and flows from here to the command-line flags, the
-validated configuration and the code that uses it.
+Every setting is declared once, here, as an `HParam` spec, and flows from here to the command-line
+flags (`Template.add_arguments`), the validated `Config` (`Template.config`), `run.json`, and the
+field-by-field check that a resumed run is the same run (`Config.differences`). Template
+hyperparameters (`Template.hparams`) are what the templates define; run options (`RUN_OPTIONS`:
+seed, optimiser, holdout, logging, ...) are the trainer's. Both live in one `Config`.
 
 Example:
     >>> from jaxembed import templates
@@ -18,45 +21,67 @@ import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
+
+from jaxembed import models
+
 
 @dataclasses.dataclass(frozen=True)
 class HParam:
-    """The specification of one hyperparameter.
+    """The specification of one setting (a template hyperparameter or a run option).
 
     Attributes:
       name: the name used in configs and as the command-line flag `--name`.
-      kind: `int` or `float`.
-      default: the value when none is given; `None` means "derived from the data".
-      minimum, maximum: inclusive bounds, or `None` for unbounded.
-      step: the grid a value must lie on, counted from `minimum` (`None`: any value).
+      kind: `int`, `float`, `str` or `bool`.
+      default: the value when none is given; `None` means "unset" (derived from the data, or off).
+      minimum, maximum: inclusive bounds for numbers, or `None` for unbounded.
+      step: the grid a number must lie on, counted from `minimum` (`None`: any value).
       help: one line for `--help`.
+      choices: the allowed strings of a `str` setting (`None`: any string).
+      same_run: whether a resumed run must keep it (False for settings that change how a run is
+        watched or stopped, not what it computes: logging, checkpoint cadence, max_steps).
     """
 
     name: str
     kind: type
-    default: int | float | None
+    default: int | float | str | bool | None
     minimum: int | float | None = None
     maximum: int | float | None = None
     step: int | float | None = None
     help: str = ""
+    choices: tuple[str, ...] | None = None
+    same_run: bool = True
 
     def allowed(self) -> str:
         """The allowed values in words, for error messages and `--help`."""
-        low = "-inf" if self.minimum is None else f"{self.minimum:g}"
-        high = "inf" if self.maximum is None else f"{self.maximum:g}"
-        text = f"{self.kind.__name__} in [{low}, {high}]"
-        if self.step is not None and self.minimum is not None:
-            text += f" on the grid {self.minimum:g}, {self.minimum + self.step:g}, ... (step {self.step:g})"
+        if self.kind is bool:
+            text = "true or false"
+        elif self.kind is str:
+            text = "one of " + ", ".join(self.choices) if self.choices else "a string"
+        else:
+            low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+            high = "inf" if self.maximum is None else f"{self.maximum:g}"
+            text = f"{self.kind.__name__} in [{low}, {high}]"
+            if self.step is not None and self.minimum is not None:
+                text += f" on the grid {self.minimum:g}, {self.minimum + self.step:g}, ... (step {self.step:g})"
         if self.default is None:
             text += ", or unset"
         return text
 
-    def validate(self, value: Any) -> int | float | None:
-        """Returns `value` converted to this parameter's kind, or raises ValueError naming it."""
+    def validate(self, value: Any) -> int | float | str | bool | None:
+        """Returns `value` converted to this setting's kind, or raises ValueError naming it."""
         if value is None:
             if self.default is None:
                 return None
             raise ValueError(f"{self.name}=None is invalid: expected {self.allowed()}")
+        if self.kind is bool:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{self.name}={value!r} is invalid: expected {self.allowed()}")
+            return bool(value)
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise ValueError(f"{self.name}={value!r} is invalid: expected {self.allowed()}")
+            return value
         # bool is an int subclass in Python; True for image_size is a bug, not a size.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
@@ -79,6 +104,18 @@ class HParam:
             if abs(steps - round(steps)) > 1e-9:
                 raise ValueError(f"{self.name}={value!r} is off the grid: expected {self.allowed()}")
         return value
+
+    def add_argument(self, parser: argparse.ArgumentParser) -> None:
+        """`--name` (booleans: `--name/--no-name`); unset (None) means the default, so callers can tell
+        what the user gave."""
+        default = "unset" if self.default is None else self.default
+        help_text = f"{self.help} ({self.allowed()}; default {default})"
+        if self.kind is bool:
+            parser.add_argument(f"--{self.name}", action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(f"--{self.name}", type=self.kind, default=None, help=help_text,
+                                metavar=self.kind.__name__.upper())
 
 
 class Config(Mapping):
@@ -129,8 +166,21 @@ class Config(Mapping):
         return self._template.config(**{**self._values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict including the template name, for JSON."""
+        """A plain dict including the template name, for JSON (`run.json`)."""
         return {"template": self._template.name, **self._values}
+
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """`name: saved -> now` for each setting that makes a run what it is (`HParam.same_run`) and
+        differs from `saved` (a `to_dict()` of an earlier run); a setting missing from `saved` did not
+        exist then, so that run used its default."""
+        changed = []
+        if saved.get("template", self._template.name) != self._template.name:
+            changed.append(f"template: {saved['template']!r} -> {self._template.name!r}")
+        for name, spec in self._template.specs.items():
+            before = saved.get(name, self._template.default_arch if name == "arch" else spec.default)
+            if spec.same_run and before != self._values[name]:
+                changed.append(f"{name}: {before!r} -> {self._values[name]!r}")
+        return changed
 
     @property
     def learning_rate(self) -> float:
@@ -162,47 +212,46 @@ class Template:
     def default_arch(self) -> str:
         return self.archs[0]
 
+    @property
+    def specs(self) -> dict[str, HParam]:
+        """Every setting of a run of this template: `arch`, the hyperparameters, the run options."""
+        return {"arch": HParam("arch", str, self.default_arch, choices=self.archs, help="backbone"),
+                **self.hparams, **RUN_OPTIONS}
+
     def defaults(self) -> dict[str, Any]:
-        return {"arch": self.default_arch, **{n: h.default for n, h in self.hparams.items()}}
+        return {name: spec.default for name, spec in self.specs.items()}
 
     def config(self, **overrides: Any) -> Config:
-        """Validates `overrides` on top of the defaults.
+        """Validates `overrides` (hyperparameters, `arch` and run options) on top of the defaults.
 
         Raises:
           ValueError: naming the parameter, the value given and the allowed range, for an unknown
             name, a value out of range, off its grid or of the wrong type.
         """
-        unknown = sorted(set(overrides) - set(self.hparams) - {"arch"})
+        specs = self.specs
+        unknown = sorted(set(overrides) - set(specs))
         if unknown:
             raise ValueError(
                 f"template {self.name!r} has no hyperparameter {', '.join(unknown)}; "
-                f"it has: arch, {', '.join(self.hparams)}"
+                f"it has: arch, {', '.join(self.hparams)} (and the run options {', '.join(RUN_OPTIONS)})"
             )
         values = {**self.defaults(), **overrides}
-        if values["arch"] not in self.archs:
+        if values["arch"] not in self.archs + models.registered_archs():
             raise ValueError(
                 f"arch={values['arch']!r} is invalid for template {self.name!r}: expected one of {', '.join(self.archs)}"
             )
-        for name, spec in self.hparams.items():
-            values[name] = spec.validate(values[name])
-        return Config(self, values)
+        specs["arch"] = dataclasses.replace(specs["arch"], choices=None)  # checked above
+        return Config(self, {name: spec.validate(values[name]) for name, spec in specs.items()})
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Adds `--arch` and one `--<name>` flag per hyperparameter (default: unset = template default)."""
-        parser.add_argument(
-            "--arch", choices=self.archs, default=None, help=f"backbone (default {self.default_arch})"
-        )
-        for name, spec in self.hparams.items():
-            default = "from the data" if spec.default is None else f"{spec.default:g}"
-            parser.add_argument(
-                f"--{name}", type=spec.kind, default=None, metavar=spec.kind.__name__.upper(),
-                help=f"{spec.help} ({spec.allowed()}; default {default})",
-            )
+        """One `--<name>` flag per setting (default: unset = the template's default)."""
+        for spec in self.specs.values():
+            spec.add_argument(parser)
 
-    def config_from_args(self, args: argparse.Namespace) -> Config:
-        """The config from parsed flags: flags left unset keep the template defaults."""
-        given = {name: getattr(args, name) for name in ("arch", *self.hparams)}
-        return self.config(**{name: value for name, value in given.items() if value is not None})
+    def config_from_args(self, args: argparse.Namespace, **defaults: Any) -> Config:
+        """The config from parsed flags; flags left unset take `defaults`, then the template's defaults."""
+        given = {name: getattr(args, name) for name in self.specs if getattr(args, name, None) is not None}
+        return self.config(**{**defaults, **given})
 
 
 def _hparams(*specs: HParam) -> dict[str, HParam]:
@@ -227,6 +276,35 @@ ARCFACE_HPARAMS = _hparams(
     HParam("angular_scale", int, 64, 16, 128, 16, "ArcFace logit scale s"),
     HParam("angular_margin", float, 0.5, 0.1, 0.9, None, "ArcFace additive angular margin m, in radians"),
     HParam("embeddings_size", int, 512, 2, 4096, 1, "embedding dimension"),
+)
+
+# How a run trains and is watched, beside what the template defines. `same_run=False`: may change
+# when a run resumes.
+RUN_OPTIONS = _hparams(
+    HParam("seed", int, 0, 0, None, 1, "seeds initialisation, data order and augmentation"),
+    HParam("optimizer", str, "sgd", help="SGD with momentum (the classic choice for these nets) or AdamW",
+           choices=("sgd", "adamw")),
+    HParam("momentum", float, 0.9, 0.0, 1.0, None, "SGD momentum"),
+    HParam("weight_decay", float, 5e-4, 0.0, None, None, "L2 weight decay on kernels and class centres"),
+    HParam("lr_decay", float, 0.1, 0.0, 1.0, None, "learning-rate factor applied every step_epochs after init_epochs"),
+    HParam("dtype", str, "float32", help="computation dtype; parameters and losses stay float32 (float64, "
+           "for numerical checks, needs JAX_ENABLE_X64=1)", choices=("float32", "bfloat16", "float64")),
+    HParam("remat", bool, False, help="recompute each block in the backward pass (less activation memory)"),
+    HParam("holdout", str, None, help="held-out split by images or by concepts (default: the task's)",
+           choices=("images", "concepts")),
+    HParam("holdout_fraction", float, 0.1, 0.0, 1.0, None, "fraction of images (or concepts) held out"),
+    HParam("min_crop_area", float, 0.25, 0.0, 1.0, None, "random-resized crops keep at least this fraction of the area"),
+    HParam("data_dir", str, None, help="TFDS data directory", same_run=False),
+    HParam("depth", int, None, 1, None, 1, "folder data: path components that name a concept"),
+    HParam("init_from", str, None, help="torchvision/BN-Inception weights (.pth or .safetensors) for the backbone"),
+    HParam("model_parallelism", int, 1, 1, None, 1,
+           "devices along the 'model' mesh axis that shard the ArcFace class centres; must divide the device count"),
+    HParam("log_every", int, 10, 1, None, 1, "steps between logged metrics", same_run=False),
+    HParam("checkpoint_every", int, 200, 1, None, 1, "steps between checkpoints", same_run=False),
+    HParam("keep_checkpoints", int, 3, 1, None, 1, "checkpoints kept", same_run=False),
+    HParam("eval_batch_size", int, 64, 1, None, 1, "images per evaluation batch", same_run=False),
+    HParam("max_steps", int, None, 1, None, 1, "stop (with a checkpoint) at this step; resume later", same_run=False),
+    HParam("progress", bool, True, help="show a progress bar", same_run=False),
 )
 
 TEMPLATES: dict[str, Template] = {

@@ -31,7 +31,23 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "inception_bn": (inception_bn.InceptionBN, inception_bn.FEATURE_DIM),
 }
 
-ARCHS = tuple(_REGISTRY)
+ARCHS = tuple(_REGISTRY)  # the built-in backbones
+
+
+def register(arch: str, constructor: Callable[..., nn.Module], feature_dim: int) -> None:
+    """Adds a backbone `arch` (as timm's `register_model` does): `constructor(num_classes=, dtype=, remat=,
+    conv_impl=)` -> a Linen module returning pooled features `(B, feature_dim)`. Every template then
+    accepts `arch=<arch>`, in this process. For research backbones and for small test models; the
+    built-in names cannot be replaced.
+    """
+    if arch in ARCHS:
+        raise ValueError(f"arch {arch!r} is built in and cannot be registered again")
+    _REGISTRY[arch] = (constructor, feature_dim)
+
+
+def registered_archs() -> tuple[str, ...]:
+    """The backbones added with `register`."""
+    return tuple(name for name in _REGISTRY if name not in ARCHS)
 
 
 def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
@@ -75,4 +91,6 @@ __all__ = [
     "load_pretrained",
     "merge_backbone",
     "normalize_images",
+    "register",
+    "registered_archs",
 ]

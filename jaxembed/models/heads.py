@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxembed.losses import as_float, l2_normalize
+
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -33,26 +35,21 @@ def normalize_images(images: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     return x.astype(dtype)
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """x / max(||x||, eps) along the last axis, in float32.
-
-    An all-zero row stays zero instead of becoming NaN, and its gradient stays finite.
-    """
-    x = x.astype(jnp.float32)
-    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
-    # Clamp before the rsqrt: the gradient of sqrt at 0 is infinite.
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
+def head_dtype(dtype: Any) -> Any:
+    """The heads' dtype: float32 for float32 and bfloat16 backbones (embeddings and logits are never
+    rounded to bfloat16), float64 for float64 ones (numerical checks with `jax_enable_x64`)."""
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
 
-def _head_batch_norm(train: bool, name: str, use_scale: bool = True) -> nn.BatchNorm:
-    """Float32 BatchNorm over the feature axis, torch defaults (momentum 0.1, eps 1e-5)."""
+def _head_batch_norm(train: bool, name: str, dtype: Any, use_scale: bool = True) -> nn.BatchNorm:
+    """BatchNorm over the feature axis in `head_dtype`, torch defaults (momentum 0.1, eps 1e-5)."""
     return nn.BatchNorm(
         use_running_average=not train,
         momentum=0.9,
         epsilon=1e-5,
         use_scale=use_scale,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
+        dtype=dtype,
+        param_dtype=dtype,
         name=name,
     )
 
@@ -72,10 +69,11 @@ class ClassifierModel(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
-        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(jnp.float32)
-        classifier = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="classifier")
+        dtype = head_dtype(self.dtype)
+        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(dtype)
+        classifier = nn.Dense(self.num_classes, dtype=dtype, param_dtype=dtype, name="classifier")
         logits = classifier(features)
-        return {"embedding": l2_normalize(features), "logits": logits}
+        return {"embedding": l2_normalize(as_float(features)), "logits": logits}
 
 
 class ArcFaceModel(nn.Module):
@@ -115,11 +113,12 @@ class ArcFaceModel(nn.Module):
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         # Owned here (not by the loss) so it is saved, sharded and optimised with the model.
-        self.param("centers", nn.initializers.normal(0.01), (self.embeddings_size, self.num_classes), jnp.float32)
+        dtype = head_dtype(self.dtype)
+        self.param("centers", nn.initializers.normal(0.01), (self.embeddings_size, self.num_classes), dtype)
 
-        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(jnp.float32)
-        x = _head_batch_norm(train, "feature_bn")(features)
+        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(dtype)
+        x = _head_batch_norm(train, "feature_bn", dtype)(features)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.embeddings_size, dtype=jnp.float32, param_dtype=jnp.float32, name="embedding_fc")(x)
-        x = _head_batch_norm(train, "embedding_bn", use_scale=False)(x)
-        return {"embedding": l2_normalize(x), "features": x}
+        x = nn.Dense(self.embeddings_size, dtype=dtype, param_dtype=dtype, name="embedding_fc")(x)
+        x = _head_batch_norm(train, "embedding_bn", dtype, use_scale=False)(x)
+        return {"embedding": l2_normalize(as_float(x)), "features": x}

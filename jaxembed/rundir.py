@@ -1,0 +1,217 @@
+"""The run directory: the one reader and writer of a training run's files.
+
+    run.json           what was trained: the whole config (template hyperparameters and run options),
+                       the data source, sizes and step counts
+    label_map.json     concept names, index -> name
+    split.json         the held-out split: the data's item count and the held-out items' positions
+                       and names, so evaluation and the report score exactly the images never trained on
+    metrics.jsonl      one JSON object per logged step and per evaluation
+    summary.json       the final metrics
+    checkpoints/       orbax checkpoints of the whole train state
+    unreadable_checkpoints/   checkpoints that failed to restore, moved aside
+    .lock              the writer's lock (`jaxembed.fileio.exclusive_lock`)
+
+A trainer holds `RunDir.writer()` for the whole run: one writer per directory, refused at once with
+`DirectoryBusy` when another live process holds it. Readers (`jaxembed.load`, evaluate, report,
+export, search) never lock and never see a half-written file: every file is replaced atomically.
+With several processes, process 0 writes the shared files and holds the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from jaxembed import fileio, templates
+from jaxembed.data import LabelledImages
+
+log = logging.getLogger("jaxembed.rundir")
+
+
+class RunDir:
+    """A training run's directory (need not exist yet for a writer)."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.file("checkpoints")
+
+    def exists(self) -> bool:
+        """Whether a run was started here (its run.json is written)."""
+        return os.path.exists(self.file("run.json"))
+
+    def _require(self, name: str) -> str:
+        path = self.file(name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found: {self.path!r} is not a jaxembed training workdir")
+        return path
+
+    # ------------------------------------------------------------------------- writing (process 0)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[RunDir]:
+        """Holds the directory's write lock (process 0) for the `with` block.
+
+        Raises:
+          fileio.DirectoryBusy: another live process trains here.
+        """
+        if jax.process_index() != 0:
+            yield self
+            return
+        with fileio.exclusive_lock(self.path):
+            yield self
+
+    def start(self, config: templates.Config, *, data_source: str, concepts: Sequence[str],
+              num_items: int, heldout: Sequence[int], item_names: Sequence[str], sizes: dict[str, int]) -> None:
+        """Writes a new run's run.json, label_map.json and split.json, or checks that the run already
+        here is this one: the same config, field by field, and the same held-out images.
+
+        Raises:
+          ValueError: naming run.json and each setting that differs (or the split file).
+        """
+        split = {"num_items": int(num_items), "heldout": [int(i) for i in heldout],
+                 "heldout_names": [item_names[i] for i in heldout]}
+        if self.exists():
+            changed = config.differences(self.record()["config"])
+            if changed:
+                raise ValueError(f"{self.file('run.json')} belongs to a different run ({', '.join(changed)}); "
+                                 "use a new --workdir")
+            if os.path.exists(self.file("split.json")) and fileio.read_json(self.file("split.json")) != split:
+                raise ValueError(f"{self.file('split.json')}: the data's held-out images differ from this run's "
+                                 "(the data changed since it started); use a new --workdir")
+        elif jax.process_index() == 0:
+            os.makedirs(self.path, exist_ok=True)
+            fileio.write_json(self.file("label_map.json"), {"concepts": list(concepts)})
+            fileio.write_json(self.file("split.json"), split)
+            # run.json last: its presence says the run's files are complete.
+            fileio.write_json(self.file("run.json"), {"config": config.to_dict(), "data": data_source, **sizes})
+        self._check_processes_agree()
+
+    def _check_processes_agree(self) -> None:
+        """Every process must see the run process 0 wrote (a shared directory, not a stale local copy)."""
+        if jax.process_count() == 1:
+            return
+        multihost_utils.sync_global_devices("jaxembed: run directory written")
+        with open(self._require("run.json"), "rb") as f:
+            digest = zlib.crc32(f.read())
+        try:
+            multihost_utils.assert_equal(np.asarray([digest], np.int64), "run.json differs between processes")
+        except AssertionError:
+            raise ValueError(f"{self.file('run.json')} differs between processes: every process must see "
+                             "the same run directory (a shared file system)") from None
+
+    def append_metrics(self, record: dict) -> None:
+        if jax.process_index() == 0:
+            fileio.append_jsonl(self.file("metrics.jsonl"), record)
+
+    def write_summary(self, summary: dict) -> None:
+        if jax.process_index() == 0:
+            fileio.write_json(self.file("summary.json"), summary)
+
+    def checkpoint_manager(self, *, keep: int | None = None) -> ocp.CheckpointManager:
+        """The orbax manager of `checkpoints/` (keeping `keep` checkpoints; None: all, for readers)."""
+        return ocp.CheckpointManager(
+            self.checkpoints, item_handlers=ocp.StandardCheckpointHandler(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=keep is not None))
+
+    def restore_latest(self, manager: ocp.CheckpointManager, abstract_state) -> tuple[Any, int | None]:
+        """The newest checkpoint that restores, and its step (`(None, None)` when none does).
+
+        An unreadable checkpoint (corrupted, or cut short by a crash mid-save) is moved to
+        `unreadable_checkpoints/` with a warning, so the run falls back to the previous one and can
+        later save that step again.
+        """
+        quarantine = self.file("unreadable_checkpoints")
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                return manager.restore(step, args=ocp.args.StandardRestore(abstract_state)), step
+            except Exception as error:  # noqa: BLE001 - any failure to read means: fall back
+                log.warning("checkpoint at step %d is unreadable (%s: %s); falling back to an older one; "
+                            "moved to %s", step, type(error).__name__, str(error)[:200], quarantine)
+                if jax.process_index() == 0:
+                    os.makedirs(quarantine, exist_ok=True)
+                    shutil.move(os.path.join(manager.directory, str(step)),
+                                os.path.join(quarantine, f"{step}-{int(time.time())}"))
+                multihost_utils.sync_global_devices("quarantine checkpoint")
+                manager.reload()
+        return None, None
+
+    # ------------------------------------------------------------------------- reading
+
+    def record(self) -> dict:
+        """run.json as written."""
+        return fileio.read_json(self._require("run.json"))
+
+    def config(self) -> templates.Config:
+        """The run's validated config. run.json of older versions kept run options apart ("options")."""
+        record = self.record()
+        values = {**record.get("options", {}), **record["config"]}
+        template = templates.get(values.pop("template"))
+        known = template.specs
+        return template.config(**{name: value for name, value in values.items() if name in known})
+
+    def concepts(self) -> tuple[str, ...]:
+        """Concept names, index -> name (label_map.json; older runs kept them in run.json)."""
+        path = self.file("label_map.json")
+        if os.path.exists(path):
+            return tuple(fileio.read_json(path)["concepts"])
+        return tuple(self.record()["concepts"])
+
+    def heldout(self, data: LabelledImages) -> LabelledImages:
+        """The held-out images of `data`, the run's data loaded again, exactly as the run held them out.
+
+        Raises:
+          ValueError: naming split.json when `data` is not the data the run was trained on.
+        """
+        split = fileio.read_json(self._require("split.json"))
+        names = [data.item_names[i] for i in split["heldout"] if i < len(data)]
+        if len(data) != split["num_items"] or names != split["heldout_names"]:
+            raise ValueError(f"{self.file('split.json')} does not match the data given ({len(data)} images, "
+                             f"{data.source or 'default'}): the run held out images of {split['num_items']}")
+        return data.subset(split["heldout"])
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl's records, oldest first."""
+        return fileio.read_jsonl(self.file("metrics.jsonl"))
+
+    def summary(self) -> dict | None:
+        """summary.json, or None before the run has one."""
+        path = self.file("summary.json")
+        return fileio.read_json(path) if os.path.exists(path) else None
+
+    def latest_step(self) -> int | None:
+        with self.checkpoint_manager() as manager:
+            return manager.latest_step()
+
+    def variables(self, step: int | None = None) -> tuple[dict, int]:
+        """`({"params", "batch_stats"}, step)` of the newest checkpoint (or `step`) on one local device,
+        whatever device layout wrote it; ArcFace centres without the columns that padded them for
+        model parallelism."""
+        with self.checkpoint_manager() as manager:
+            step = manager.latest_step() if step is None else step
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.checkpoints}")
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                  manager.item_metadata(step))
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        params = restored["params"]
+        if "centers" in params:
+            params = {**params, "centers": params["centers"][:, :len(self.concepts())]}
+        return {"params": params, "batch_stats": restored["batch_stats"]}, step

@@ -1,0 +1,5 @@
+import sys
+
+from jaxembed.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""The command line: `python -m jaxembed.train --template NAME [--data SOURCE] [--workdir DIR] [--<setting> VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+import jax
+
+from jaxembed import fileio, parallel, templates
+from jaxembed.train.hooks import TrainingStopped
+from jaxembed.train.loop import train_and_evaluate
+
+# Settings for the bare command on a CPU, where the template defaults (224 px, 30 epochs of a
+# 100-layer network) would take days. Flags given by the user override them.
+CPU_DEMO = {
+    "resnet_angular_margin": {"image_size": 32, "batch_size": 32, "num_epochs": 2,
+                              "init_epochs": 1, "step_epochs": 1, "num_items_per_epoch": 512,
+                              "per_item_lrate": 0.0005, "angular_scale": 32},
+    "inception_bn": {"image_size": 32, "batch_size": 32, "num_epochs": 3, "init_epochs": 2, "step_epochs": 1,
+                     "per_item_lrate": 0.001},
+    "resnext": {"arch": "resnext50_32x4d", "image_size": 32, "batch_size": 32, "num_epochs": 2,
+                "init_epochs": 1, "step_epochs": 1, "num_items_per_epoch": 512, "per_item_lrate": 0.001},
+}
+# The embedded digits are 8x8 pixels: crops of a quarter of that lose the digit.
+CPU_DEMO_SHARED = {"min_crop_area": 0.7}
+
+
+def build_parser(template: templates.Template) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxembed.train", description=f"Train the {template.name} template: {template.description}.")
+    parser.add_argument("--template", required=True, choices=templates.NAMES)
+    parser.add_argument("--data", default=None,
+                        help="a folder of concept sub-folders, a .csv/.jsonl manifest, or tfds:NAME[:SPLIT] "
+                             "(default: the embedded default dataset)")
+    parser.add_argument("--workdir", default=None, help="checkpoints and logs; an unfinished run there resumes "
+                                                        "(default: runs/<template>)")
+    template.add_arguments(parser)
+    parser.add_argument("--no_progress", dest="progress", action="store_false", default=None,
+                        help="no progress bar (for logs); the same as --no-progress")
+    parser.add_argument("--coordinator_address", default=None, help="multi-host: the coordinator's host:port")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    return parser
+
+
+def demo_settings(template: templates.Template, args: argparse.Namespace) -> dict:
+    """The CPU demo settings the user did not override, for a bare command on a CPU; else none."""
+    if args.data is not None or jax.default_backend() != "cpu":
+        return {}
+    demo = {**CPU_DEMO[template.name], **CPU_DEMO_SHARED}
+    demo = {name: value for name, value in demo.items() if getattr(args, name) is None}
+    if demo:
+        print(f"jaxembed: training on the embedded default dataset on a CPU; the template defaults would "
+              f"take days here, so these demo settings apply (flags override them): "
+              f"{', '.join(f'--{k} {v}' for k, v in demo.items())}", flush=True)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--template", choices=templates.NAMES)
+    known, _ = pre.parse_known_args(argv)
+    if known.template is None:
+        build_parser(templates.get("inception_bn")).parse_args(argv)  # prints usage and the error
+        return 2
+    template = templates.get(known.template)
+    args = build_parser(template).parse_args(argv)
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    try:
+        config = template.config_from_args(args, **demo_settings(template, args))
+    except ValueError as error:
+        print(f"jaxembed.train: error: {error}", file=sys.stderr)
+        return 2
+    workdir = args.workdir or os.path.join("runs", template.name)
+    try:
+        summary = train_and_evaluate(config, workdir, data_spec=args.data)
+    except fileio.DirectoryBusy as error:
+        print(f"jaxembed.train: error: {error}", file=sys.stderr)
+        return 2
+    except (TrainingStopped, ValueError, FileNotFoundError) as error:
+        print(f"jaxembed.train: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps({k: v for k, v in summary.items() if k != "bad_files"}, indent=2))
+    print(f"workdir: {workdir}")
+    return exit_status(summary)
+
+
+def exit_status(summary: Mapping) -> int:
+    """0, or for a run stopped by a signal the shell's 128 + its number (143 for SIGTERM), which
+    tells a job scheduler the run was interrupted and should be restarted."""
+    if summary.get("stopped_by"):
+        return 128 + signal.Signals[summary["stopped_by"]].value
+    return 0

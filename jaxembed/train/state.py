@@ -1,0 +1,68 @@
+"""The train state and the optimiser: what a step changes, and how."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxembed import templates
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (saved whole in checkpoints)."""
+
+    step: jax.Array  # int32 scalar: optimiser steps taken
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # the run's key; each step folds in its step number
+
+    @property
+    def variables(self) -> dict:
+        """What the model needs for inference."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def _decay_mask(params):
+    # Weight decay on kernels and class centres only: decaying BN scales and biases hurts.
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def build_optimizer(schedule: optax.Schedule, config: templates.Config) -> optax.GradientTransformation:
+    """SGD with momentum (or AdamW) at `schedule`, with `config.weight_decay` on kernels and centres."""
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
+        optax.sgd(schedule, momentum=config.momentum),
+    )
+
+
+def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_size: int,
+               num_classes: int | None = None) -> TrainState:
+    """A fresh train state (pure; jit it with out_shardings to create it directly on devices).
+
+    `num_classes`: the real class count of an ArcFace `model` whose centre matrix has more columns
+    (padded to a multiple of `model_parallelism`). The centres start as they would for `num_classes`
+    classes, so every model_parallelism starts from the same weights, and the padding columns start
+    at zero and stay there: the masked loss gives them zero gradient, and weight decay and momentum
+    of zero are zero.
+    """
+    params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+    padded = num_classes is not None and num_classes < model.num_classes
+    unpadded_model = model.clone(num_classes=num_classes) if padded else model
+    variables = unpadded_model.init({"params": params_rng, "dropout": dropout_rng}, dummy, train=False)
+    params = variables["params"]
+    if padded:
+        padding = ((0, 0), (0, model.num_classes - num_classes))
+        params = {**params, "centers": jnp.pad(params["centers"], padding)}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params), rng=state_rng,
+    )
