@@ -194,15 +194,14 @@ def load_run(workdir: str):
 
 def latest_step(workdir: str) -> int:
     """The newest checkpoint step of the training workdir."""
-    import orbax.checkpoint as ocp
+    from jaxembed.rundir import RunDir
 
-    checkpoints = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(checkpoints):
-        raise FileNotFoundError(f"{workdir} has no checkpoints folder: is it a jaxembed training workdir?")
-    with ocp.CheckpointManager(checkpoints) as manager:
-        step = manager.latest_step()
+    run = RunDir(workdir)
+    if not run.exists():
+        raise FileNotFoundError(f"{run.file('run.json')} not found: {workdir!r} is not a jaxembed training workdir")
+    step = run.latest_step()
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints}")
+        raise FileNotFoundError(f"no checkpoint in {run.checkpoints}")
     return int(step)
 
 

@@ -1,0 +1,317 @@
+"""Visual search: exact top-k over a mesh against NumPy, the index directory (resume, lock, refusals), the
+search and cluster commands, and their errors.
+
+The top-k tests run on synthetic vectors (deliberate ties included) and on real embeddings, on 1 and on
+the 8 fake CPU devices conftest.py sets up. The command tests share one tiny run trained once per session
+with `python -m jaxembed.train` on 120 of scikit-learn's handwritten digits (the run's quality does not
+matter: the tests compare the index with itself and with NumPy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxembed import cluster, fileio, gallery, index, search, topk
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- the NumPy reference
+
+
+def numpy_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force in float64: per query the k largest inner products, equal scores by lower row first."""
+    scores = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+def assert_same_top_k(scores, ids, vectors, queries, k, *, near_tie=0.0):
+    """Scores within 1e-5 of the reference, and the same ids, except (when `near_tie` > 0) where two
+    rows' scores differ by less than `near_tie`, a difference float32 rounding may reorder."""
+    ref_scores, ref_ids = numpy_top_k(vectors, queries, k)
+    np.testing.assert_allclose(np.asarray(scores), ref_scores, atol=1e-5)
+    ids = np.asarray(ids)
+    differ = ids != ref_ids
+    if near_tie:
+        exact = queries.astype(np.float64) @ vectors.astype(np.float64).T
+        ours = np.take_along_axis(exact, ids, axis=1)
+        differ &= np.abs(ours - ref_scores) >= near_tie
+    assert not differ.any(), f"{differ.sum()} of {differ.size} ids differ from NumPy, first at {np.argwhere(differ)[0]}"
+
+
+def tied_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    """Entries in {-1, 0, 1}: every inner product is a small exact integer, so many rows tie exactly."""
+    return np.random.default_rng(seed).integers(-1, 2, (count, dim)).astype(np.float32)
+
+
+def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def mesh_of(num_devices: int):
+    return topk.row_mesh(jax.devices()[:num_devices])
+
+
+# ----------------------------------------------------------------------------- exact top-k
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+@pytest.mark.parametrize("count, k, block_rows", [(1003, 25, 64), (1003, 25, 100_000), (10, 10, 64), (300, 1, 16)])
+def test_top_k_breaks_ties_like_numpy(num_devices, count, k, block_rows):
+    vectors, queries = tied_vectors(count, 16, seed=0), tied_vectors(37, 16, seed=1)
+    rows = topk.place_rows(vectors, mesh_of(num_devices), block_rows=block_rows)
+    scores, ids = topk.top_k(rows, queries, k)
+    assert_same_top_k(scores, ids, vectors, queries, k)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_top_k_on_random_unit_vectors(num_devices):
+    vectors, queries = unit_vectors(5000, 32, seed=2), unit_vectors(50, 32, seed=3)
+    rows = topk.place_rows(vectors, mesh_of(num_devices), block_rows=256)
+    scores, ids = topk.top_k(rows, queries, 10)
+    assert_same_top_k(scores, ids, vectors, queries, 10)
+
+
+def test_top_k_with_recall_target_is_exact_off_tpu():
+    vectors, queries = tied_vectors(1003, 16, seed=0), tied_vectors(37, 16, seed=1)
+    rows = topk.place_rows(vectors, mesh_of(8), block_rows=64)
+    if jax.default_backend() == "tpu":
+        pytest.skip("approx_max_k is approximate on TPU")
+    assert_same_top_k(*topk.top_k(rows, queries, 10, recall_target=0.9), vectors, queries, 10)
+
+
+def test_layout_of_ten_million_rows_puts_an_eighth_on_each_device():
+    layout = topk.row_layout(10_000_000, 8)
+    shard_shape = topk.row_sharding(mesh_of(8)).shard_shape((layout.padded_count, 512))
+    assert shard_shape == (layout.rows_per_device, 512)
+    assert layout.rows_per_device % layout.block == 0 and layout.block <= topk.DEFAULT_BLOCK_ROWS
+    assert 10_000_000 / 8 <= layout.rows_per_device < 1.001 * 10_000_000 / 8
+
+
+def test_index_search_batches_queries_and_checks_arguments(monkeypatch):
+    vectors, queries = unit_vectors(700, 24, seed=4), unit_vectors(30, 24, seed=5)
+    monkeypatch.setattr(search, "QUERY_BATCH", 16)  # 30 queries: a batch of 16 and one of 14 padded to 16
+    found = search.Index(vectors, tuple(map(str, range(700))), (None,) * 700)
+    assert_same_top_k(*found.search(queries, 7), vectors, queries, 7)
+    with pytest.raises(ValueError, match="k=701 must be between 1 and the number of indexed images"):
+        found.search(queries, 701)
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 24\)"):
+        found.search(queries[:, :10], 5)
+    empty = search.Index(np.zeros((0, 24), np.float32), (), ())
+    with pytest.raises(ValueError, match="the index is empty"):
+        empty.search(queries, 1)
+
+
+def test_approximate_search_on_cpu_finds_most_neighbours():
+    pytest.importorskip("faiss")
+    vectors, queries = unit_vectors(3000, 32, seed=6), unit_vectors(100, 32, seed=7)
+    found = search.Index(vectors, tuple(map(str, range(3000))), (None,) * 3000)
+    _, approximate = found.search(queries, 10, approximate=True)
+    _, exact = numpy_top_k(vectors, queries, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
+    assert recall > 0.9
+
+
+# ----------------------------------------------------------------------------- clusters and pictures
+
+
+def test_kmeans_separates_separated_groups_and_checks_k():
+    centres = 10 * np.eye(3, 8, dtype=np.float32)
+    vectors = np.concatenate([centres[i] + unit_vectors(20, 8, seed=i) for i in range(3)])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assignment, similarity = cluster.kmeans(vectors, 3)
+    labels = tuple(str(i // 20) for i in range(60))
+    assert all(c["size"] == 20 and c["purity"] == 1.0 for c in cluster.describe_clusters(assignment, labels, 3))
+    assert (similarity > 0.9).all()
+    with pytest.raises(ValueError, match="k=61 must be between 1"):
+        cluster.kmeans(vectors, 61)
+
+
+def test_search_page_frames_matches_green_and_others_red(tmp_path):
+    path = str(tmp_path / "a.png")
+    Image.new("RGB", (10, 10), "blue").save(path)
+    hits = [{"path": path, "label": label, "score": 0.5} for label in ("x", "y", None)]
+    page = gallery.search_page([{"query": path, "label": "x", "results": hits}])
+    assert page.count(gallery.GREEN) == page.count(gallery.RED) == page.count(gallery.GREY) == 1
+    assert page.count("data:image/png;base64,") == 4 and "1 of 2 results show the query's label" in page
+
+
+# ----------------------------------------------------------------------------- the commands, on a tiny run
+
+
+def write_digits(root: str, per_digit: int, start: int = 0) -> str:
+    """`per_digit` of scikit-learn's real 8x8 handwritten digits per digit, as `root/<digit>/<n>.png`."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for digit in range(10):
+        folder = os.path.join(root, str(digit))
+        os.makedirs(folder, exist_ok=True)
+        for n in np.flatnonzero(digits.target == digit)[start:start + per_digit]:
+            pixels = np.round(digits.images[n] * 255 / 16).astype(np.uint8)
+            Image.fromarray(pixels).save(os.path.join(folder, f"{n:04d}.png"))
+    return root
+
+
+def run_tool(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m jaxembed.<module> args` in a subprocess (8 fake devices, as this process has)."""
+    done = subprocess.run([sys.executable, "-m", f"jaxembed.{module}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(f"jaxembed.{module} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny trained run, its 120 digit images (+ one corrupt file), and an index of them."""
+    base = tmp_path_factory.mktemp("search")
+    images = write_digits(str(base / "digits"), per_digit=12)
+    with open(os.path.join(images, "3", "broken.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really")
+    workdir = str(base / "run")
+    run_tool("train", "--template", "inception_bn", "--workdir", workdir, "--data", images, "--image_size", "32",
+             "--batch_size", "8", "--num_epochs", "1", "--num_items_per_epoch", "16", "--no_progress")
+    out = str(base / "index")
+    run_tool("index", "--workdir", workdir, "--images", images, "--out", out, *SMALL_CHUNKS)
+    return {"base": base, "images": images, "workdir": workdir, "index": out}
+
+
+SMALL_CHUNKS = ("--batch_size", "8", "--chunk_size", "8", "--no_progress")
+
+
+def test_index_records_the_run_the_vectors_and_the_unreadable_file(tiny):
+    stored = index.read_index(tiny["index"])
+    assert stored.meta["run"]["workdir"] == os.path.abspath(tiny["workdir"])
+    assert stored.meta["run"]["step"] >= 1 and stored.vectors.shape == (120, stored.meta["run"]["dim"])
+    assert len(stored.meta["chunks"]) == 15 and stored.meta["count"] == 120
+    assert [os.path.basename(os.path.dirname(p)) for p in stored.paths] == list(stored.labels)
+    np.testing.assert_allclose(np.linalg.norm(stored.vectors, axis=1), 1.0, atol=1e-5)
+    broken = os.path.join(tiny["images"], "3", "broken.png")
+    assert list(stored.meta["bad_files"]) == [broken]
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_top_k_on_real_embeddings(tiny, num_devices):
+    vectors = index.read_index(tiny["index"]).vectors
+    rows = topk.place_rows(vectors, mesh_of(num_devices), block_rows=32)
+    scores, ids = topk.top_k(rows, vectors[::6], 15)
+    # A barely trained model puts many digits within 1e-6 of each other; only those may swap.
+    assert_same_top_k(scores, ids, vectors, vectors[::6], 15, near_tie=1e-6)
+
+
+def test_a_crash_mid_index_then_the_same_command_ends_equal(tiny):
+    out = str(tiny["base"] / "crashed")
+    command = [sys.executable, "-m", "jaxembed.index", "--workdir", tiny["workdir"], "--images", tiny["images"],
+               "--out", out, *SMALL_CHUNKS]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (index.read_meta(out) or {}).get("chunks") and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    recorded = index.read_meta(out)["chunks"]
+    assert 1 <= len(recorded) < 15, "the kill came too late to interrupt the indexing"
+    first_chunk = os.stat(os.path.join(out, recorded[0] + ".npy"))
+
+    summary = json.loads(run_tool("index", *command[3:]).stdout)
+    assert summary["already_stored"] == 8 * len(recorded) and summary["added"] == 120 - 8 * len(recorded)
+    assert os.stat(os.path.join(out, recorded[0] + ".npy")).st_mtime_ns == first_chunk.st_mtime_ns  # not redone
+    resumed, clean = index.read_index(out), index.read_index(tiny["index"])
+    assert resumed.paths == clean.paths and resumed.labels == clean.labels
+    np.testing.assert_array_equal(resumed.vectors, clean.vectors)
+    assert resumed.meta["bad_files"] == clean.meta["bad_files"]
+
+
+def test_a_second_writer_exits_2_naming_the_holder(tiny):
+    with fileio.exclusive_lock(tiny["index"]):
+        done = run_tool("index", "--workdir", tiny["workdir"], "--images", tiny["images"], "--out", tiny["index"],
+                        check=False)
+    assert done.returncode == 2, done.stderr
+    assert "is in use by another writer" in done.stderr and f"pid {os.getpid()}" in done.stderr
+
+
+def test_adding_skips_stored_files_and_refuses_another_run(tiny):
+    out = str(tiny["base"] / "grown")
+    first = index.build_index(tiny["workdir"], os.path.join(tiny["images"], "1"), out, batch_size=8, chunk_size=8,
+                              progress=False)
+    assert first["added"] == 12 and index.read_index(out).labels == (None,) * 12  # a plain folder: no labels
+    plain = write_digits(str(tiny["base"] / "more"), per_digit=2, start=12)
+    second = index.build_index(tiny["workdir"], os.path.join(plain, "1"), out, batch_size=8, chunk_size=8,
+                               progress=False)
+    assert second == {**second, "added": 2, "already_stored": 0, "count": 14}
+    again = index.build_index(tiny["workdir"], os.path.join(tiny["images"], "1"), out, batch_size=8, chunk_size=8,
+                              progress=False)
+    assert again["added"] == 0 and again["already_stored"] == 12
+
+    meta = index.read_meta(out)
+    fileio.write_json(os.path.join(out, index.META), {**meta, "run": {**meta["run"], "step": 999, "dim": 7}})
+    workdir = os.path.abspath(tiny["workdir"])
+    both = (f"{out} holds vectors of run {workdir} at checkpoint step 999 (dimension 7); refusing to add vectors "
+            f"of run {workdir} at checkpoint step {meta['run']['step']} (dimension {meta['run']['dim']})")
+    with pytest.raises(ValueError, match=re.escape(both)):
+        index.build_index(tiny["workdir"], plain, out, batch_size=8, chunk_size=8, progress=False)
+    assert index.read_meta(out)["count"] == 14
+
+
+def test_search_command_prints_json_and_writes_the_page(tiny):
+    page = str(tiny["base"] / "search.html")
+    done = run_tool("search", "--index", tiny["index"], "--query", os.path.join(tiny["images"], "7"), "-k", "5",
+                    "--json", "--html", page)
+    results = json.loads(done.stdout)
+    assert len(results) == 12 and all(len(r["results"]) == 5 for r in results)
+    top = results[0]["results"][0]
+    assert top["path"] == results[0]["query"] and top["score"] == pytest.approx(1.0, abs=1e-5)
+    assert results[0]["label"] == "7"
+    with open(page) as f:
+        assert f.read().count("data:image/png;base64,") == 12 * 6
+
+
+def test_search_command_refuses_k_larger_than_the_index(tiny):
+    done = run_tool("search", "--index", tiny["index"], "--query", os.path.join(tiny["images"], "7"), "-k", "121",
+                    check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert "k=121 must be between 1 and the number of indexed images (120)" in done.stderr
+
+
+@pytest.mark.parametrize("query, message", [
+    ("3/broken.png", "query image .*broken.png cannot be read: "),
+    ("3", "1 query image\\(s\\) in .*3 cannot be read: .*broken.png: "),
+    ("7/missing.png", "query .*missing.png' does not exist"),
+])
+def test_search_names_an_unreadable_query(tiny, query, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        search.search_images(search.Index.load(tiny["index"]), os.path.join(tiny["images"], query), 5)
+
+
+def test_search_of_an_empty_index_is_refused(tiny):
+    empty = tiny["base"] / "empty"
+    empty.mkdir()
+    meta = index.read_meta(tiny["index"])
+    fileio.write_json(str(empty / index.META), {**meta, "chunks": [], "count": 0, "bad_files": {}})
+    done = run_tool("search", "--index", str(empty), "--query", os.path.join(tiny["images"], "7"), check=False)
+    assert done.returncode == 1 and "the index is empty" in done.stderr
+
+
+def test_cluster_command_writes_assignments_and_contact_sheets(tiny):
+    out = str(tiny["base"] / "clusters")
+    summary = json.loads(run_tool("cluster", "--index", tiny["index"], "-k", "4", "--out", out).stdout)
+    assert summary["k"] == 4 and sum(summary["sizes"]) == 120
+    with open(os.path.join(out, "clusters.csv")) as f:
+        assert len(f.read().splitlines()) == 121
+    for cluster_id in range(4):
+        with Image.open(os.path.join(out, f"cluster-{cluster_id:03d}.png")) as sheet:
+            assert sheet.width > 0
