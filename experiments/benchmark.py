@@ -41,6 +41,7 @@ import sys
 import time
 
 import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path (imports no TensorFlow)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = ("resnet_angular_margin", "inception_bn", "resnext")
@@ -100,26 +101,14 @@ def make_batch(batch_size: int, image_size: int, num_classes: int) -> dict[str, 
 
 
 def template_config(name: str, args: argparse.Namespace, image_size: int):
-    """The template's validated config at this size and batch (jaxembed.templates imports no TensorFlow)."""
+    """The template's validated config at this size, batch and dtype (jaxembed.templates imports no TensorFlow)."""
     from jaxembed import templates
 
     template = templates.get(name)
-    overrides = {"image_size": image_size, "batch_size": args.batch_size}
+    overrides = {"image_size": image_size, "batch_size": args.batch_size, "dtype": args.dtype, "progress": False}
     if "logreg" in template.hparams:
         overrides["logreg"] = args.logreg
     return template.config(**overrides)
-
-
-def timed(fn, steps: int, warmup: int) -> list[float]:
-    """Seconds of each of `steps` calls of `fn` (which must wait for its result), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def pin_threads(threads: int) -> None:
@@ -139,22 +128,25 @@ def jax_worker(args: argparse.Namespace) -> dict:
     import jaxlib
 
     jax.config.update("jax_enable_compilation_cache", False)  # compile times are real compilations
-    from jaxembed import parallel, schedules, train
+    from jaxembed import data as data_lib
+    from jaxembed import parallel, schedules, tasks, train
 
     config = template_config(args.templates[0], args, args.sizes[0])
-    options = train.TrainOptions(dtype=args.dtype, progress=False)
     schedule = schedules.learning_rate_schedule(
         batch_size=config.batch_size, per_item_lrate=config.per_item_lrate, init_epochs=config.init_epochs,
         step_epochs=config.step_epochs, num_epochs=config.num_epochs, items_per_epoch=1000 * config.batch_size)
-    model = train.build_model(config, args.num_classes, dtype=train.DTYPES[args.dtype])
+    model = tasks.build_model(config, args.num_classes)
     # The head holds the backbone; only how its convolutions are computed changes (same parameters).
     model = model.clone(backbone=model.backbone.clone(conv_impl=args.conv_impl))
-    mesh = parallel.make_mesh(jax.local_devices()[:1])  # one device
-    concepts = tuple(f"class{i}" for i in range(args.num_classes))
-    run = train.Run(config=config, options=options, train_data=None, eval_data=None, concepts=concepts, mesh=mesh,
-                    model=model, tx=train.build_optimizer(schedule, options), schedule=schedule,
+    # No images are loaded: the run's data only name its classes (what `Run.num_classes` counts).
+    classes = data_lib.LabelledImages(items=(), labels=(), item_names=(),
+                                      concepts=tuple(f"class{i:07d}" for i in range(args.num_classes)))
+    run = train.Run(config=config, task=tasks.for_config(config), data=classes, train_data=classes,
+                    eval_data=classes, heldout=np.zeros(0, np.int64), mesh=parallel.make_mesh(jax.local_devices()[:1]),
+                    model=model, tx=train.build_optimizer(schedule, config), schedule=schedule,
                     steps_per_epoch=1000, total_steps=30_000)
     init, step, evaluate_batch = train.compile_steps(run)  # exactly the trainer's jits
+    mesh = run.mesh  # one device
 
     state = init(jax.random.PRNGKey(0))
     batch = jax.device_put(make_batch(args.batch_size, config.image_size, args.num_classes),
@@ -171,16 +163,16 @@ def jax_worker(args: argparse.Namespace) -> dict:
         jax.block_until_ready((state, metrics))
         return metrics
 
-    train_times = timed(train_once, args.steps, args.warmup)
+    train_times = runner.timed(train_once, args.steps, args.warmup)
     loss = float(train_once()["loss"])
 
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.variables
     start = time.perf_counter()
     infer_lowered = evaluate_batch.lower(variables, batch["image"])
     infer_compiled = infer_lowered.compile()
     infer_compile_s = time.perf_counter() - start
-    infer_times = timed(lambda: jax.block_until_ready(infer_compiled(variables, batch["image"])),
-                        args.steps, args.warmup)
+    infer_times = runner.timed(lambda: jax.block_until_ready(infer_compiled(variables, batch["image"])),
+                               args.steps, args.warmup)
     device = jax.local_devices()[0]
     return {
         "arch": config.arch, "loss": loss, "device": getattr(device, "device_kind", str(device)),
@@ -214,7 +206,7 @@ def jax_roof_worker(args: argparse.Namespace) -> dict:
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
     dot = jax.jit(jnp.dot)
-    times = timed(lambda: dot(a, b).block_until_ready(), 5, 1)
+    times = runner.timed(lambda: dot(a, b).block_until_ready(), 5, 1)
     return {"gflops": 2 * n**3 / min(times) / 1e9, "size": n, "dtype": args.dtype,
             "device": getattr(jax.devices()[0], "device_kind", "")}
 
@@ -266,7 +258,7 @@ def torch_worker(args: argparse.Namespace) -> dict:
         return loss
 
     model.train()
-    train_times = timed(train_once, args.steps, args.warmup)
+    train_times = runner.timed(train_once, args.steps, args.warmup)
     loss = float(train_once().detach())
 
     model.eval()
@@ -276,7 +268,7 @@ def torch_worker(args: argparse.Namespace) -> dict:
             model(batch["image"])
         synchronize()
 
-    infer_times = timed(infer_once, args.steps, args.warmup)
+    infer_times = runner.timed(infer_once, args.steps, args.warmup)
     return {"arch": config.arch, "loss": loss, "train_step_s": train_times, "infer_step_s": infer_times,
             "threads": torch.get_num_threads(), "channels_last": args.torch_channels_last,
             "versions": {"torch": torch.__version__}}
@@ -290,7 +282,7 @@ def torch_roof_worker(args: argparse.Namespace) -> dict:
     n, dtype = args.roof_size, getattr(torch, args.dtype)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
-    times = timed(lambda: (a @ b, synchronize()), 5, 1)
+    times = runner.timed(lambda: (a @ b, synchronize()), 5, 1)
     return {"gflops": 2 * n**3 / min(times) / 1e9, "size": n, "dtype": args.dtype}
 
 
@@ -387,7 +379,7 @@ def machine_info(args: argparse.Namespace) -> dict:
 
 
 def fmt(value, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return runner.number(value, digits)
 
 
 def markdown(report: dict) -> str:
@@ -414,13 +406,11 @@ def markdown(report: dict) -> str:
         "",
     ]
     pct = "% MFU" if mfu else "% roof"
-    lines += [
-        f"| template | arch | px | JAX train img/s | {pct} | PyTorch train img/s | {pct} | JAX/PyTorch train "
-        f"| JAX infer img/s | {pct} | PyTorch infer img/s | {pct} | JAX/PyTorch infer "
-        "| JAX compile train / infer (s) | GFLOP/img train / infer |",
-        "|" + " --- |" * 15,
-    ]
+    header = ["template", "arch", "px", "JAX train img/s", pct, "PyTorch train img/s", pct, "JAX/PyTorch train",
+              "JAX infer img/s", pct, "PyTorch infer img/s", pct, "JAX/PyTorch infer",
+              "JAX compile train / infer (s)", "GFLOP/img train / infer"]
     key = "mfu_pct" if mfu else "pct_roof"
+    rows = []
     for row in report["rows"]:
         jax_side, torch_side = row.get("jax", {}), row.get("torch", {})
         cells = [row["template"], row["arch"], str(row["image_size"])]
@@ -431,7 +421,8 @@ def markdown(report: dict) -> str:
                       fmt(row.get("ratio", {}).get(phase), 2)]
         cells += [f"{fmt(jax_side.get('train_compile_s'))} / {fmt(jax_side.get('infer_compile_s'))}",
                   f"{fmt(jax_side.get('train_gflop_per_image'), 2)} / {fmt(jax_side.get('infer_gflop_per_image'), 2)}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += runner.markdown_table(header, rows)
     return "\n".join(lines) + "\n"
 
 
@@ -493,12 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "out"},
         "machine": machine, "roof": roof, "rows": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
     table = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
+    runner.write_results(args.out, report, table)
     print(table)
     print(f"wrote {args.out}.md and {args.out}.json", file=sys.stderr)
     failed = [f"{row['template']} {row['image_size']} px {side}" for row in rows for side in ("jax", "torch")

@@ -19,23 +19,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import runner  # experiments/runner.py: this script's folder is on sys.path
+
 # (height = width, channels) of the 3x3 convolutions in ResNet-50/101's four stages at 224 px.
 LAYERS = [(56, 64), (28, 128), (14, 256), (7, 512)]
 
 
 def best_ms(function, *args, repeats: int) -> float:
+    """Milliseconds of the fastest of `repeats` calls after one that compiles and warms up."""
     import jax
 
-    jax.block_until_ready(function(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(function(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(runner.timed(lambda: jax.block_until_ready(function(*args)), repeats, warmup=1))
 
 
 def jax_rows(batch: int, repeats: int) -> list[dict]:
@@ -91,13 +86,7 @@ def torch_rows(batch: int, repeats: int, threads: int) -> list[dict]:
     torch.set_num_threads(threads)
 
     def best(function) -> float:
-        function()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-        return 1e3 * min(times)
+        return 1e3 * min(runner.timed(function, repeats, warmup=1))
 
     def layer(size: int, channels: int) -> dict:
         x = torch.randn(batch, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
@@ -118,14 +107,12 @@ def markdown(rows: list[dict]) -> str:
     def cell(row, key):
         return f"{row[key]:.1f}" if key in row else "-"
 
-    header = ("| layer (NHWC) | GFLOP | JAX fwd | JAX input grad | JAX kernel grad | shifted dots | patches "
-              "| PyTorch fwd | PyTorch input grad | PyTorch kernel grad |")
-    lines = [header,
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        lines.append(f"| {row['layer']} | {row['gflop']:.2f} | " + " | ".join(cell(row, key) for key in (
-            "jax_forward_ms", "jax_input_grad_ms", "jax_kernel_grad_ms", "jax_kernel_grad_shifted_dots_ms",
-            "jax_kernel_grad_patches_ms", "torch_forward_ms", "torch_input_grad_ms", "torch_kernel_grad_ms")) + " |")
+    keys = ("jax_forward_ms", "jax_input_grad_ms", "jax_kernel_grad_ms", "jax_kernel_grad_shifted_dots_ms",
+            "jax_kernel_grad_patches_ms", "torch_forward_ms", "torch_input_grad_ms", "torch_kernel_grad_ms")
+    lines = runner.markdown_table(
+        ["layer (NHWC)", "GFLOP", "JAX fwd", "JAX input grad", "JAX kernel grad", "shifted dots", "patches",
+         "PyTorch fwd", "PyTorch input grad", "PyTorch kernel grad"],
+        [[row["layer"], f"{row['gflop']:.2f}", *(cell(row, key) for key in keys)] for row in rows])
     caption = ("Milliseconds, best of the repeats; shifted dots and patches are alternative JAX kernel "
                "gradients (see experiments/conv3x3_gradients.py).")
     return "\n".join([caption, "", *lines, ""])
@@ -138,7 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no_torch", action="store_true")
     parser.add_argument("--torch_only", action="store_true", help=argparse.SUPPRESS)  # the PyTorch subprocess
-    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "conv3x3_gradients"))
+    parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "conv3x3_gradients"))
     args = parser.parse_args()
     if args.torch_only:
         json.dump(torch_rows(args.batch, args.repeats, args.threads), sys.stdout)
@@ -151,10 +138,7 @@ def main() -> None:
         for row, torch_row in zip(rows, json.loads(output)):
             row.update(torch_row)
     table = markdown(rows)
-    with open(args.out + ".json", "w") as f:
-        json.dump(rows, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
+    runner.write_results(args.out, rows, table)
     print(table)
 
 

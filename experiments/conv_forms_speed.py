@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path
 from jax import lax
 
 from jaxembed.models import conv_forms, resnet
@@ -37,15 +36,8 @@ NETWORKS = {"resnet50": resnet.ResNet50, "resnext50_32x4d": resnet.ResNeXt50_32x
 
 def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
     """(first call incl. compilation, best of `repeats` later calls) in seconds."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - start
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return first, best
+    first, *later = runner.timed(lambda: jax.block_until_ready(fn(*args)), 1 + repeats)
+    return first, min(later)
 
 
 def layer_rows(batch_size: int, repeats: int) -> list[dict]:
@@ -96,20 +88,15 @@ def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"`{report['command']}`", "", "| layer (NHWC, 32 groups) | form | forward ms | forward + input grad ms | forward + kernel grad ms |",
-             "| --- | --- | --- | --- | --- |"]
-    for row in report["layers"]:
-        for name in FORMS:
-            t = row[name]
-            lines.append(f"| {row['shape']} | {name} | {t['forward_ms']:.1f} | {t['input_grad_ms']:.1f} | "
-                         f"{t['kernel_grad_ms']:.1f} |")
-    lines += ["", f"Whole networks, {report['image_size']} px, batch {report['batch_size']}:", "",
-              "| arch | conv_impl | train-mode gradient images/s | forward images/s | compile+first (train / forward) s |",
-              "| --- | --- | --- | --- | --- |"]
-    for row in report["network"]:
-        lines.append(f"| {row['arch']} | {row['conv_impl']} | {row['train_grad_images_per_s']:.2f} | "
-                     f"{row['forward_images_per_s']:.1f} | {row['train_compile_and_first_s']:.1f} / "
-                     f"{row['forward_compile_and_first_s']:.1f} |")
+    lines = [f"`{report['command']}`", "", *runner.markdown_table(
+        ["layer (NHWC, 32 groups)", "form", "forward ms", "forward + input grad ms", "forward + kernel grad ms"],
+        [[row["shape"], name, f"{row[name]['forward_ms']:.1f}", f"{row[name]['input_grad_ms']:.1f}",
+          f"{row[name]['kernel_grad_ms']:.1f}"] for row in report["layers"] for name in FORMS])]
+    lines += ["", f"Whole networks, {report['image_size']} px, batch {report['batch_size']}:", "", *runner.markdown_table(
+        ["arch", "conv_impl", "train-mode gradient images/s", "forward images/s", "compile+first (train / forward) s"],
+        [[row["arch"], row["conv_impl"], f"{row['train_grad_images_per_s']:.2f}", f"{row['forward_images_per_s']:.1f}",
+          f"{row['train_compile_and_first_s']:.1f} / {row['forward_compile_and_first_s']:.1f}"]
+         for row in report["network"]])]
     return "\n".join(lines) + "\n"
 
 
@@ -127,11 +114,8 @@ def main() -> None:
         "layers": layer_rows(args.batch_size, args.repeats),
         "network": network_rows(args.image_size, args.batch_size, args.repeats),
     }
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=2)
     table = markdown(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
+    runner.write_results(args.out, report, table)
     print(table)
 
 

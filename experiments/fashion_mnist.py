@@ -30,20 +30,16 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import re
-import shlex
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = "/usr/share/datasets/fashion-mnist"
 INSTALL_HINT = "sudo apt-get install dataset-fashion-mnist"
 
@@ -165,118 +161,72 @@ def write_folder(images: np.ndarray, labels: np.ndarray, folder: str) -> str:
 # ----------------------------------------------------------------------------- metrics
 
 
-def retrieval(embeddings: np.ndarray, labels: np.ndarray) -> dict:
-    """Leave-one-out Recall@1/@5 and MAP@R among the given items."""
-    from jaxembed import evaluate
-
-    return {**evaluate.recall_at_k(embeddings, labels), "map@r": evaluate.map_at_r(embeddings, labels)}
+def concept_names(labels: np.ndarray) -> np.ndarray:
+    """Label indices -> the concept names the PNG cache's folders (and so the trained models) use."""
+    return np.asarray([folder_name(concept) for concept in CONCEPTS])[labels]
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def raw_pixel_baseline(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict:
+def pixel_baseline(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict:
     """Cosine nearest neighbours on the 28x28 grey pixels, centred on the training mean."""
-    mean = train[0].reshape(len(train[0]), -1).astype(np.float32).mean(axis=0)
-    train_x = unit_rows(train[0].reshape(len(train[0]), -1) - mean)
-    test_x = unit_rows(test[0].reshape(len(test[0]), -1) - mean)
-    nearest = np.concatenate([np.argmax(test_x[start:start + 1000] @ train_x.T, axis=1)
-                              for start in range(0, len(test_x), 1000)])
-    return {"accuracy": float(np.mean(train[1][nearest] == test[1])), "accuracy_kind": "1-NN vs train pixels",
-            "num_test_images": len(test_x), **retrieval(test_x, test[1])}
+    metrics = runner.raw_pixel_baseline(test[0], concept_names(test[1]), reference=(train[0], concept_names(train[1])))
+    return {**metrics, "accuracy_kind": "1-NN vs train pixels", "num_test_images": len(test[0])}
 
 
 def test_metrics(workdir: str, test_images) -> dict:
     """Test-split metrics of the run in `workdir` (see the module docstring)."""
-    import jax
+    from jaxembed import metrics as metrics_lib
 
-    import jaxembed
-    from jaxembed import evaluate
-
-    embedder = jaxembed.load(workdir)
-    outputs = evaluate.embed_images(embedder, test_images)
-    names = [test_images.concepts[test_images.labels[i][0]] for i in outputs["index"]]
+    embedder, outputs = runner.embed(workdir, test_images)
+    names = runner.concept_names(test_images, outputs["index"])
     position = {name: i for i, name in enumerate(embedder.concepts)}
     if set(names) - set(position):
         raise ValueError(f"{workdir}: test concepts {sorted(set(names) - set(position))} were not trained")
     truth = np.array([position[name] for name in names])
-    metrics = {"num_test_images": len(truth), **retrieval(outputs["embedding"], truth)}
+    metrics = {"num_test_images": len(truth), **runner.retrieval(outputs["embedding"], names)}
     if "logits" in outputs:
-        metrics["accuracy"] = evaluate.top1_accuracy(outputs["logits"], truth)
+        metrics["accuracy"] = metrics_lib.top1_accuracy(outputs["logits"], truth)
         metrics["accuracy_kind"] = "classifier top-1"
-        # Each concept ranks the images by probability: sigmoid is monotonic in the logit, softmax is not.
-        logits = outputs["logits"]
-        scores = logits if embedder.config.logreg else np.asarray(jax.nn.softmax(logits, axis=1))
-        metrics["mAP"] = evaluate.mean_average_precision(scores, np.eye(len(position))[truth])
-    elif "centers" in embedder.variables["params"]:
-        centres = unit_rows(np.asarray(embedder.variables["params"]["centers"]).T)  # (num_concepts, D)
+        # Each concept ranks the images by the task's probability (softmax or sigmoid of the logits).
+        metrics["mAP"] = metrics_lib.mean_average_precision(embedder.task.predict(outputs), np.eye(len(position))[truth])
+    elif embedder.task.has_class_centres:
+        centres = runner.unit_rows(np.asarray(embedder.variables["params"]["centers"]).T)  # (num_concepts, D)
         metrics["accuracy"] = float(np.mean(np.argmax(outputs["embedding"] @ centres.T, axis=1) == truth))
         metrics["accuracy_kind"] = "nearest ArcFace centre"
     return metrics
 
 
-def throughput(workdir: str) -> float | None:
-    """Median training images/s over the trainer's logged windows after the first (which includes the
-    compilation); None when the run logged no such window."""
-    rates = []
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "images_per_second" in record:
-                rates.append(record["images_per_second"])
-    return statistics.median(rates[1:]) if len(rates) > 1 else None
-
-
 # ----------------------------------------------------------------------------- runs
 
 
-def train_command(setting: str, args, data: str, workdir: str) -> list[str]:
+def train_flags(setting: str, args, data: str) -> list[str]:
+    """The `python -m jaxembed.train` flags of a row (without --workdir)."""
     template, flags, (epochs, items) = SETTINGS[setting]
     epochs = args.num_epochs or epochs
     items = args.num_items_per_epoch or items
     init_epochs = max(1, round(epochs * 2 / 3))  # then 0.1x, 0.01x ... every step_epochs
     step_epochs = max(1, (epochs - init_epochs) // 2)
-    return ["python", "-m", "jaxembed.train", "--template", template, *flags, "--data", data,
+    return ["--template", template, *flags, "--data", data,
             "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
             "--num_epochs", str(epochs), "--num_items_per_epoch", str(items),
             "--init_epochs", str(init_epochs), "--step_epochs", str(step_epochs),
             "--min_crop_area", str(args.min_crop_area), "--holdout", "images",
-            "--holdout_fraction", str(args.holdout_fraction), "--no_progress", "--workdir", workdir]
+            "--holdout_fraction", str(args.holdout_fraction), "--no_progress"]
 
 
 def run_setting(setting: str, args, train_folder: str, test_images) -> dict:
-    workdir = os.path.join(args.workdir, "runs", setting)
-    if os.path.isdir(workdir):  # always a fresh run, so the time measured is a whole run's
-        shutil.rmtree(workdir)
-    os.makedirs(workdir)
-    command = train_command(setting, args, train_folder, workdir)
-    print(f"{setting}: {shlex.join(command)}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    with open(os.path.join(workdir, "train.log"), "w") as log:
-        result = subprocess.run([sys.executable, *command[1:]], check=False, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=REPO)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        with open(os.path.join(workdir, "train.log")) as log:
-            raise RuntimeError(f"{shlex.join(command)} failed ({result.returncode}):\n{log.read()[-3000:]}")
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
-    with open(os.path.join(workdir, "run.json")) as f:
-        record = json.load(f)
+    """Trains one row from scratch (runs/<setting>) and scores it on the test split."""
+    run = runner.train(train_flags(setting, args, train_folder), os.path.join(args.workdir, "runs", setting))
+    record = run.run_dir.record()
     config = record["config"]
     start = time.perf_counter()
-    test = test_metrics(workdir, test_images)
+    test = test_metrics(run.workdir, test_images)
     return {
         "setting": setting, "template": config["template"], "arch": config["arch"],
         "settings": " ".join(SETTINGS[setting][1]), "image_size": config["image_size"],
-        "train_seconds": seconds, "images_per_second": throughput(workdir),
+        "train_seconds": run.seconds, "images_per_second": run.images_per_second(),
         "num_train_images": record["num_train_images"], "num_holdout_images": record["num_eval_images"],
         "images_seen": config["num_epochs"] * config["num_items_per_epoch"],
-        "command": shlex.join(command[:-2]),  # the workdir is this machine's
-        "holdout": {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")},
-        "train_loss": summary.get("train/loss"),
+        "command": run.command, "holdout": run.holdout(), "train_loss": run.summary().get("train/loss"),
         "test": test, "test_seconds": time.perf_counter() - start,
     }
 
@@ -284,31 +234,28 @@ def run_setting(setting: str, args, train_folder: str, test_images) -> dict:
 # ----------------------------------------------------------------------------- tables
 
 
-def _number(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(rows: list[dict]) -> str:
-    lines = ["| method | settings | accuracy | mAP | R@1 | MAP@R | holdout (train split) | train time | images/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    number = runner.number
+    cells = []
     for row in rows:
         test, holdout = row["test"], row.get("holdout", {})
-        accuracy = _number(test.get("accuracy"))
+        accuracy = number(test.get("accuracy"))
         if test.get("accuracy_kind"):
             accuracy += f" ({test['accuracy_kind']})"
         held = "; ".join(f"{name} {holdout[name]:.3f}" for name in ("top1", "mAP", "recall@1") if name in holdout)
-        minutes = row.get("train_seconds")
-        lines.append(
-            f"| {row['method']} | {row['settings'] or '-'} | {accuracy} | {_number(test.get('mAP'))} "
-            f"| {_number(test.get('recall@1'))} | {_number(test.get('map@r'))} | {held or '-'} "
-            f"| {'-' if minutes is None else f'{minutes / 60:.1f} min'} | {_number(row.get('images_per_second'), 0)} |")
+        seconds = row.get("train_seconds")
+        cells.append([row["method"], row["settings"] or "-", accuracy, number(test.get("mAP")),
+                      number(test.get("recall@1")), number(test.get("map@r")), held or "-",
+                      "-" if seconds is None else f"{seconds / 60:.1f} min", number(row.get("images_per_second"), 0)])
+    table = runner.markdown_table(["method", "settings", "accuracy", "mAP", "R@1", "MAP@R", "holdout (train split)",
+                                   "train time", "images/s"], cells)
     commands = [f"- {row['method']}: `{row['command']}`" for row in rows if row.get("command")]
     return "\n".join([
         ("Fashion-MNIST test split (10,000 images, 10 concepts); accuracy and mAP of the classifier outputs "
          "(ArcFace: nearest learned centre; raw pixels: 1-NN against the 60,000 training images), R@1 and "
          "MAP@R of leave-one-out retrieval among the test images. Holdout: the trainer's metrics on the "
          "held-out part of the training split, the only numbers to choose settings by."),
-        "", *lines, "", "Commands (`--data` is the PNG cache that `experiments/fashion_mnist.py` writes):", "",
+        "", *table, "", "Commands (`--data` is the PNG cache that `experiments/fashion_mnist.py` writes):", "",
         *commands, ""])
 
 
@@ -329,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", default=SOURCE, help="folder with the four *-ubyte.gz idx files")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-fashion-mnist"),
                         help="the PNG cache (train/, test/) and one run folder per row (runs/<setting>)")
-    parser.add_argument("--results", default=os.path.join(REPO, "experiments", "results", "fashion_mnist"),
+    parser.add_argument("--results", default=os.path.join(runner.REPO, "experiments", "results", "fashion_mnist"),
                         help="writes RESULTS.json and RESULTS.md")
     args = parser.parse_args(argv)
     selected = [name for name in args.settings
@@ -351,8 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if BASELINE in selected:
         start = time.perf_counter()
         rows.append({"setting": BASELINE, "method": "raw pixels (28x28 grey, centred, cosine)", "settings": "",
-                     "command": None, "test": raw_pixel_baseline(train, test),
-                     "seconds": time.perf_counter() - start})
+                     "command": None, "test": pixel_baseline(train, test), "seconds": time.perf_counter() - start})
         print(f"{BASELINE}: {rows[-1]['test']}", file=sys.stderr, flush=True)
     trained = [name for name in selected if name != BASELINE]
     if trained:
@@ -366,20 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {row['train_seconds'] / 60:.1f} min, test {row['test']}", file=sys.stderr, flush=True)
 
     # Rows of settings not recomputed now are kept from the previous results, in SETTINGS order.
-    json_path = args.results + ".json"
-    previous = []
-    if os.path.exists(json_path):
-        with open(json_path) as f:
-            previous = [row for row in json.load(f) if row["setting"] not in selected]
+    previous = [row for row in runner.previous_rows(args.results + ".json") if row["setting"] not in selected]
     order = {name: i for i, name in enumerate([BASELINE, *SETTINGS])}
     rows = sorted(previous + rows, key=lambda row: order.get(row["setting"], len(order)))
-    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-    with open(json_path, "w") as f:
-        json.dump(rows, f, indent=2)
-        f.write("\n")
     table = markdown(rows)
-    with open(args.results + ".md", "w") as f:
-        f.write(table)
+    runner.write_results(args.results, rows, table)
     print(table)
     return 0
 

@@ -14,7 +14,6 @@ Prints a summary table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -26,9 +25,9 @@ import time
 import zipfile
 
 import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OMNIGLOT = os.path.join(REPO, "..", "shared", "datasets", "omniglot", "images_background_small1.zip")
+OMNIGLOT = os.path.join(runner.REPO, "..", "shared", "datasets", "omniglot", "images_background_small1.zip")
 TINY_FLAGS = ["--template", "inception_bn", "--image_size", "32", "--batch_size", "8", "--num_epochs", "3",
               "--init_epochs", "1", "--step_epochs", "1", "--num_items_per_epoch", "32", "--per_item_lrate", "0.002",
               "--checkpoint_every", "1", "--keep_checkpoints", "2", "--log_every", "1", "--no_progress"]
@@ -48,13 +47,15 @@ def train(workdir: str, extra: list[str] = (), kill_at_step: int | None = None, 
 
     Returns (exit code, output); the exit code is -9 when the kill landed before the run ended.
     """
+    from jaxembed import rundir
+
+    run_dir = rundir.RunDir(workdir)
     command = [sys.executable, "-m", "jaxembed.train", *TINY_FLAGS, "--workdir", workdir, *extra]
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env())
         if kill_at_step is not None:
-            metrics = os.path.join(workdir, "metrics.jsonl")
             while process.poll() is None:
-                if os.path.exists(metrics) and _last_step(metrics) >= kill_at_step:
+                if _last_step(run_dir) >= kill_at_step:
                     time.sleep(delay)  # lands anywhere in the following steps, checkpoint saves included
                     process.send_signal(signal.SIGKILL)
                     break
@@ -64,22 +65,20 @@ def train(workdir: str, extra: list[str] = (), kill_at_step: int | None = None, 
         return process.returncode, log.read()
 
 
-def _last_step(metrics_path: str) -> int:
-    with open(metrics_path) as f:
-        lines = [line for line in f if line.strip()]
-    try:
-        return json.loads(lines[-1])["step"] if lines else 0
-    except json.JSONDecodeError:  # a line being written right now
-        return 0
+def _last_step(run_dir) -> int:
+    """The last step logged to metrics.jsonl so far (0 before the first; a line being written is skipped)."""
+    records = run_dir.metrics()
+    return records[-1]["step"] if records else 0
 
 
 def final_params(workdir: str) -> list[np.ndarray]:
+    """The newest checkpoint's parameters and batch statistics, as NumPy arrays."""
     import jax
-    import orbax.checkpoint as ocp
 
-    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
-        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-    return [np.asarray(x) for x in jax.tree.leaves((state["params"], state["batch_stats"]))]
+    from jaxembed import rundir
+
+    variables, _ = rundir.RunDir(workdir).variables()
+    return [np.asarray(x) for x in jax.tree.leaves(variables)]
 
 
 def crash_trials(trials: int, rng: random.Random, root: str) -> dict:
@@ -165,8 +164,9 @@ def bad_input_run(root: str) -> dict:
     code, output = train(workdir, ["--data", folder, "--num_epochs", "1", "--holdout_fraction", "0.2"])
     if code != 0:
         raise RuntimeError(f"training on the bad corpus failed:\n{output[-3000:]}")
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+    from jaxembed import rundir
+
+    summary = rundir.RunDir(workdir).summary()
     named = {os.path.relpath(b["path"], folder) for b in summary["bad_files"]}
     bad = {path for path, kind in kinds.items() if kind == "bad"}
     embed_out = os.path.join(root, "embeddings.npz")
@@ -182,32 +182,31 @@ def bad_input_run(root: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "fault_injection.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "fault_injection.json"))
+    args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="jaxembed-faults-")
     try:
         results = {"bad_input": bad_input_run(root), **crash_trials(args.trials, random.Random(args.seed), root)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    trials = results["trials"]
-    bad = results["bad_input"]
-    print("\n| check | result |\n| --- | --- |")
-    print(f"| crash trials (kill -9 at random moments, 1-3 kills each) | {len(trials)} |")
-    print(f"| kills delivered | {sum(t['kills'] for t in trials)} |")
-    print(f"| runs resumed to the end | {sum(t['resumed_ok'] for t in trials)} / {len(trials)} |")
-    print(f"| final parameters bitwise equal to the uninterrupted run | {sum(t['params_equal'] for t in trials)} / {len(trials)} |")
-    print(f"| unreadable checkpoints fallen back from | {sum(t['checkpoint_fallbacks'] for t in trials)} |")
-    print(f"| bad files named in summary.json | {bad['bad_files_named_in_summary']} / {bad['bad_files']} |")
-    print(f"| empty concept folder named | {bad['empty_folder_named']} |")
-    print(f"| good files embedded | {bad['good_files_embedded']} / {bad['good_files']} |")
-    print(f"| bad files named by the embed command | {bad['bad_files_named_in_embed_log']} / {bad['bad_files']} |")
+    runner.write_results(os.path.splitext(args.out)[0], results)
+    trials, bad = results["trials"], results["bad_input"]
+    table = runner.markdown_table(["check", "result"], [
+        ["crash trials (kill -9 at random moments, 1-3 kills each)", len(trials)],
+        ["kills delivered", sum(t["kills"] for t in trials)],
+        ["runs resumed to the end", f"{sum(t['resumed_ok'] for t in trials)} / {len(trials)}"],
+        ["final parameters bitwise equal to the uninterrupted run",
+         f"{sum(t['params_equal'] for t in trials)} / {len(trials)}"],
+        ["unreadable checkpoints fallen back from", sum(t["checkpoint_fallbacks"] for t in trials)],
+        ["bad files named in summary.json", f"{bad['bad_files_named_in_summary']} / {bad['bad_files']}"],
+        ["empty concept folder named", bad["empty_folder_named"]],
+        ["good files embedded", f"{bad['good_files_embedded']} / {bad['good_files']}"],
+        ["bad files named by the embed command", f"{bad['bad_files_named_in_embed_log']} / {bad['bad_files']}"]])
+    print("\n" + "\n".join(table))
 
 
 if __name__ == "__main__":

@@ -18,21 +18,16 @@ only numbers to choose settings by, and the trainer's median images/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 
-import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(REPO, "..", "shared", "datasets", "omniglot")
+SHARED = os.path.join(runner.REPO, "..", "shared", "datasets", "omniglot")
+# Leave-one-out retrieval and 20-way one-shot episodes within an alphabet, the same for every row.
+RETRIEVAL = {"n_way": 20, "episodes": 1000, "seed": 0}
 
 # Per-template settings for a 2-core CPU; the --flag values a user can copy.
 SETTINGS = {
@@ -59,37 +54,42 @@ def unseen_concepts(test_images, train_images):
     return test_images.subset(keep).with_own_concepts()
 
 
-def metrics_of(embeddings: np.ndarray, images) -> dict:
-    from jaxembed import evaluate
-
-    names = np.asarray([images.concepts[label[0]] for label in images.labels])
-    return evaluate.retrieval_metrics(embeddings, names, n_way=20, episodes=1000, seed=0)
-
-
-def raw_pixel_baseline(images, image_size: int) -> dict:
+def baseline_row(images, image_size: int) -> dict:
     """Nearest neighbours on centred, L2-normalised grey pixels after the same eval preprocessing."""
-    from jaxembed import data as data_lib
-
-    pixels = np.stack([data_lib.preprocess_for_eval(data_lib.decode_image(item), image_size)[..., 0]
-                       for item in images.items]).reshape(len(images), -1).astype(np.float32)
-    pixels -= pixels.mean(axis=0)
-    pixels /= np.linalg.norm(pixels, axis=1, keepdims=True) + 1e-8
-    return metrics_of(pixels, images)
+    return {"method": f"raw pixels, {image_size} px", "command": "-", "train_minutes": 0.0,
+            **runner.raw_pixel_baseline(runner.eval_pixels(images, image_size), runner.concept_names(images),
+                                        **RETRIEVAL)}
 
 
-def main() -> None:
+def train_flags(name: str, args, train_folder: str) -> list[str]:
+    """The `python -m jaxembed.train` flags of a template's row (without --workdir)."""
+    return ["--template", name, "--data", train_folder, "--image_size", str(args.image_size),
+            "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
+            "--init_epochs", str(max(1, args.num_epochs * 2 // 3)), "--step_epochs", str(max(1, args.num_epochs // 6)),
+            "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress", *SETTINGS[name]]
+
+
+def trained_row(name: str, args, train_folder: str, test_images) -> dict:
+    """Trains a template from scratch and scores its embeddings of the unseen concepts."""
+    run = runner.train(train_flags(name, args, train_folder),
+                       os.path.join(args.workdir, f"run_{name}_{args.image_size}_{args.num_epochs}"))
+    embedder, outputs = runner.embed(run.workdir, test_images)
+    return {"method": f"{name} ({embedder.config.arch}), {args.image_size} px", "train_minutes": run.seconds / 60,
+            "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
+            **runner.retrieval(outputs["embedding"], runner.concept_names(test_images, outputs["index"]), **RETRIEVAL)}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--templates", nargs="*", default=["inception_bn"])
+    parser.add_argument("--templates", nargs="*", choices=list(SETTINGS), default=["inception_bn"])
     parser.add_argument("--image_size", type=int, default=48)
     parser.add_argument("--num_epochs", type=int, default=10)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"))
-    parser.add_argument("--out", default=os.path.join(REPO, "experiments", "results", "omniglot.json"))
-    args = parser.parse_args()
+    parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "omniglot.json"))
+    args = parser.parse_args(argv)
 
-    import jaxembed
     from jaxembed import data as data_lib
-    from jaxembed import evaluate
 
     train_folder = extract("images_background_small1", args.workdir)
     test_folder = extract("images_background_small2", args.workdir)
@@ -98,81 +98,38 @@ def main() -> None:
     print(f"test set: {len(test_images)} images of {len(test_images.concepts)} concepts; left out "
           f"{len(all_test_images) - len(test_images)} images of concepts also in the training split",
           file=sys.stderr, flush=True)
-    baseline = {"method": f"raw pixels, {args.image_size} px", "command": "-", "train_minutes": 0.0,
-                **raw_pixel_baseline(test_images, args.image_size)}
-    rows = {row["method"]: row for row in previous_rows(args.out)}
+    rows = {row["method"]: row for row in runner.previous_rows(args.out)}
+    baseline = baseline_row(test_images, args.image_size)
     rows[baseline["method"]] = baseline
     for name in args.templates:
-        epochs = str(args.num_epochs)
-        workdir = os.path.join(args.workdir, f"run_{name}_{args.image_size}_{epochs}")
-        if os.path.isdir(workdir):  # a fresh run, never a resumed one, so the time is a whole run's
-            shutil.rmtree(workdir)
-        command = ["python", "-m", "jaxembed.train", "--template", name, "--data", train_folder,
-                   "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
-                   "--num_epochs", epochs, "--init_epochs", str(max(1, args.num_epochs * 2 // 3)),
-                   "--step_epochs", str(max(1, args.num_epochs // 6)), "--min_crop_area", "0.6",
-                   "--holdout_fraction", "0.05", "--no_progress", *SETTINGS[name], "--workdir", workdir]
-        print(f"{name}: {shlex.join(command)}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        result = subprocess.run([sys.executable, *command[1:]], check=False, capture_output=True, text=True,
-                                cwd=REPO)
-        minutes = (time.perf_counter() - start) / 60
-        if result.returncode != 0:
-            raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
-        embedder = jaxembed.load(workdir)
-        outputs = evaluate.embed_images(embedder, test_images)
-        with open(os.path.join(workdir, "summary.json")) as f:
-            summary = json.load(f)
-        row = {"method": f"{name} ({embedder.config.arch}), {args.image_size} px", "train_minutes": minutes,
-               "images_per_second": median_throughput(workdir),
-               "holdout": {k.removeprefix("eval/"): v for k, v in summary.items() if k.startswith("eval/")},
-               "command": shlex.join(command[:-2]), **metrics_of(outputs["embedding"], test_images)}
+        row = trained_row(name, args, train_folder, test_images)
         rows[row["method"]] = row
-        print(f"{row['method']}: {minutes:.1f} min, recall@1 {row['recall@1']:.3f}", file=sys.stderr, flush=True)
+        print(f"{row['method']}: {row['train_minutes']:.1f} min, recall@1 {row['recall@1']:.3f}", file=sys.stderr,
+              flush=True)
 
     ordered = sorted(rows.values(), key=lambda row: (row["command"] != "-", row["method"]))  # baselines first
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(ordered, f, indent=2)
     table = markdown(ordered)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(table)
+    runner.write_results(os.path.splitext(args.out)[0], ordered, table)
     print(table)
 
 
-def previous_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
-
-
-def median_throughput(workdir: str) -> float | None:
-    """Median training images/s over the trainer's logged windows after the first (which includes the
-    compilation); None when the run logged no such window."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rates = [record["images_per_second"] for record in map(json.loads, f) if "images_per_second" in record]
-    return statistics.median(rates[1:]) if len(rates) > 1 else None
-
-
 def markdown(rows: list[dict]) -> str:
-    def number(value, digits=3):
-        return "-" if value is None else f"{value:.{digits}f}"
-
-    lines = ["| method | Recall@1 | Recall@5 | MAP@R | 20-way one-shot | holdout (background_small1) | train time | images/s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    number = runner.number
+    cells = []
     for row in rows:
         holdout = row.get("holdout", {})
         held = "; ".join(f"{name} {holdout[name]:.3f}" for name in ("top1", "mAP", "recall@1", "map@r")
                          if name in holdout) or "-"
-        lines.append(f"| {row['method']} | {row['recall@1']:.3f} | {row['recall@5']:.3f} | {row['map@r']:.3f} "
-                     f"| {number(row.get('one_shot_20way'))} | {held} | {row['train_minutes']:.1f} min "
-                     f"| {number(row.get('images_per_second'), 0)} |")
+        cells.append([row["method"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}", f"{row['map@r']:.3f}",
+                      number(row.get("one_shot_20way")), held, f"{row['train_minutes']:.1f} min",
+                      number(row.get("images_per_second"), 0)])
+    table = runner.markdown_table(["method", "Recall@1", "Recall@5", "MAP@R", "20-way one-shot",
+                                   "holdout (background_small1)", "train time", "images/s"], cells)
     commands = [f"- {row['method']}: `{row['command']}`" for row in rows if row["command"] != "-"]
     caption = ("Omniglot background_small2 without the concepts background_small1 also has (Greek, Latin): "
                "106 concepts, 2,120 images, none trained on; holdout: the trainer's metrics on 5% of "
                "background_small1.")
-    return "\n".join([caption, "", *lines, "", *commands, ""])
+    return "\n".join([caption, "", *table, "", *commands, ""])
 
 
 if __name__ == "__main__":

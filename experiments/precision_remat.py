@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import os
@@ -44,11 +43,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import runner  # experiments/runner.py: this script's folder is on sys.path
 
 from jaxembed import data as data_lib
-from jaxembed import schedules, templates, train
+from jaxembed import rundir, schedules, tasks, templates, train
 
-VARIANTS = {  # name -> TrainOptions fields
+VARIANTS = {  # name -> run options of the config
     "float32": {"dtype": "float32", "remat": False},
     "bfloat16": {"dtype": "bfloat16", "remat": False},
     "float32 + remat": {"dtype": "float32", "remat": True},
@@ -73,15 +73,13 @@ def train_variant(model_name: str, variant: str, args, data) -> dict:
         **overrides, image_size=args.image_size, batch_size=args.batch_size,
         num_items_per_epoch=steps_per_epoch * args.batch_size, num_epochs=args.steps // steps_per_epoch,
         init_epochs=max(1, args.steps // steps_per_epoch - 1), step_epochs=1,
+        **VARIANTS[variant], min_crop_area=0.7, log_every=1, progress=False, checkpoint_every=10_000, seed=0,
     )
-    options = train.TrainOptions(**VARIANTS[variant], min_crop_area=0.7, log_every=1, progress=False,
-                                 checkpoint_every=10_000, seed=0)
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
-        summary = train.train_and_evaluate(config, workdir, options=options, data=data)
+        summary = train.train_and_evaluate(config, workdir, data=data)
         seconds = time.perf_counter() - start
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = rundir.RunDir(workdir).metrics()
     losses = [r["loss"] for r in records if "loss" in r] + [summary["train/loss"]]  # the last step is not logged
     window = max(1, len(losses) // 5)  # one batch's loss is noisy: also average the first and last fifth
     return {"model": model_name, "variant": variant, "template": template_name, "image_size": args.image_size,
@@ -114,18 +112,17 @@ def residual_bytes(model, loss_fn, state, batch) -> int:
 def train_step_memory(image_size: int, variant: str, args) -> dict:
     """The trainer's resnet101 ArcFace train step: its residual bytes, and XLA's per-device plan (compiled, not run)."""
     config = templates.get("resnet_angular_margin").config(arch="resnet101", image_size=image_size,
-                                                           batch_size=args.memory_batch_size)
-    options = train.TrainOptions(**VARIANTS[variant])
-    model = train.build_model(config, args.memory_classes, dtype=train.DTYPES[options.dtype], remat=options.remat)
+                                                           batch_size=args.memory_batch_size, **VARIANTS[variant])
+    model = tasks.build_model(config, args.memory_classes)  # in the variant's dtype, with its remat
     schedule = schedules.learning_rate_schedule(
         batch_size=config.batch_size, per_item_lrate=config.per_item_lrate, init_epochs=config.init_epochs,
         step_epochs=config.step_epochs, num_epochs=config.num_epochs, items_per_epoch=50_000)
-    tx = train.build_optimizer(schedule, options)
+    tx = train.build_optimizer(schedule, config)
     state = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx, image_size=image_size),
                            jax.random.PRNGKey(0))
     batch = {"image": jax.ShapeDtypeStruct((config.batch_size, image_size, image_size, 3), jnp.uint8),
              "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-    loss_fn = train.template_loss(config)
+    loss_fn = tasks.for_config(config).loss_fn()
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, loss_fn=loss_fn), donate_argnums=0)
     start = time.perf_counter()
     memory = step.lower(state, batch).compile().memory_analysis()
@@ -152,14 +149,13 @@ def markdown(result: dict) -> str:
                   "inception_bn: softmax classifier, held-out images (top-1 over 10 digits); resnet50: the "
                   "resnet_angular_margin template (ArcFace), 2 held-out digit concepts (MAP@R). One batch's loss "
                   f"is noisy, so the mean of the first and last {window} steps is shown too.", "",
-                  f"| model | variant | loss, step 1 | mean, first {window} | mean, last {window} | loss, last step | "
-                  "max abs loss difference to float32 (any step) | held-out metric |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for row in result["training"]:
-            lines.append(f"| {row['model']} | {row['variant']} | {row['first_loss']:.4f} | "
-                         f"{row['mean_loss_first_steps']:.4f} | {row['mean_loss_last_steps']:.4f} | "
-                         f"{row['last_loss']:.4f} | {row['max_abs_loss_difference_to_float32']:.4f} | "
-                         f"{row['metric']} {row['metric_value']:.4f} |")
+                  *runner.markdown_table(
+                      ["model", "variant", "loss, step 1", f"mean, first {window}", f"mean, last {window}",
+                       "loss, last step", "max abs loss difference to float32 (any step)", "held-out metric"],
+                      [[row["model"], row["variant"], f"{row['first_loss']:.4f}", f"{row['mean_loss_first_steps']:.4f}",
+                        f"{row['mean_loss_last_steps']:.4f}", f"{row['last_loss']:.4f}",
+                        f"{row['max_abs_loss_difference_to_float32']:.4f}",
+                        f"{row['metric']} {row['metric_value']:.4f}"] for row in result["training"]])]
         lines.append("")
     if result["memory"]:
         first = result["memory"][0]
@@ -176,13 +172,13 @@ def markdown(result: dict) -> str:
                   "convolutions it computes in float32. Run this on a GPU or TPU for their compilers' plan.",
                   "- batch 128 on one device, as asked of the compiler; across N data-parallel devices each holds "
                   "about 1/N of the activations.", "",
-                  "| image size | variant | residuals (GiB) | residuals vs float32 | "
-                  f"XLA:{backend} temporaries (GiB) | arguments (GiB) | peak (GiB) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for row in result["memory"]:
-            lines.append(f"| {row['image_size']} | {row['variant']} | {row['residual_bytes'] / GIB:.2f} | "
-                         f"{row['residuals_vs_float32']:.2f} | {row['temp_bytes'] / GIB:.2f} | "
-                         f"{row['argument_bytes'] / GIB:.2f} | {row['peak_bytes'] / GIB:.2f} |")
+                  *runner.markdown_table(
+                      ["image size", "variant", "residuals (GiB)", "residuals vs float32",
+                       f"XLA:{backend} temporaries (GiB)", "arguments (GiB)", "peak (GiB)"],
+                      [[row["image_size"], row["variant"], f"{row['residual_bytes'] / GIB:.2f}",
+                        f"{row['residuals_vs_float32']:.2f}", f"{row['temp_bytes'] / GIB:.2f}",
+                        f"{row['argument_bytes'] / GIB:.2f}", f"{row['peak_bytes'] / GIB:.2f}"]
+                       for row in result["memory"]])]
         lines.append("")
     return "\n".join(lines)
 
@@ -236,11 +232,7 @@ def main() -> None:
     result = {"experiment": "precision_remat", "command": command, "backend": jax.default_backend(),
               "jax": jax.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
               "training": training, "memory": memory}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(result))
+    runner.write_results(args.out, result, markdown(result))
     print(f"wrote {args.out}.json and {args.out}.md")
 
 

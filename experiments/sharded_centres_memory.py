@@ -5,12 +5,13 @@
     python experiments/sharded_centres_memory.py --num_classes 100000 --steps 5
 
 Part 1, for 1, 2, 4 and 8 devices on `model` (`data` = 1): the per-device bytes of the centres, of
-their gradient and of their SGD momentum, from the shard shape `jaxembed.sharded_arcface.centers_sharding`
+their gradient and of their SGD momentum, from the shard shape `jaxembed.parallel.centers_sharding`
 gives; and XLA's own per-device accounting of the compiled train step (`memory_analysis`: arguments,
 outputs, temporaries). Nothing is allocated for this part.
 
 Part 2: the train step run on 8 fake CPU devices (1 x 8 mesh): a replicated projection
-(feature_dim -> embed_dim) of a small random feature batch, `sharded_arcface_loss`, and SGD with
+(feature_dim -> embed_dim) of a small random feature batch, `jaxembed.losses.arcface_loss(..., mesh=mesh)`
+(the trainer's one ArcFace loss, class-sharded over the mesh), and SGD with
 momentum 0.9 (the trainer's optimiser) on the projection and the centres. The centres and momentum are
 created sharded (never whole on one device); it reports the real shard shapes, the time per step
 (after a compiling first step) and the process's peak resident memory. All 8 fake devices share this
@@ -41,8 +42,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from jaxembed import parallel  # noqa: E402
-from jaxembed import sharded_arcface as sa  # noqa: E402
+from jaxembed import losses, parallel  # noqa: E402
 
 MODEL_SIZES = (1, 2, 4, 8)
 MIB = 2**20
@@ -61,7 +61,7 @@ def make_step(tx: optax.GradientTransformation, mesh, *, scale: float, margin: f
 
     def loss_fn(params, features, labels):
         embeddings = features @ params["projection"]
-        return sa.sharded_arcface_loss(embeddings, params["centers"], labels, scale=scale, margin=margin, mesh=mesh)
+        return losses.arcface_loss(embeddings, params["centers"], labels, scale=scale, margin=margin, mesh=mesh)
 
     def step(params, opt_state, features, labels):
         loss, grads = jax.value_and_grad(loss_fn)(params, features, labels)
@@ -77,8 +77,8 @@ def compile_step(args, model: int, tx):
     params = {"projection": jax.ShapeDtypeStruct((args.feature_dim, args.embed_dim), jnp.float32),
               "centers": jax.ShapeDtypeStruct((args.embed_dim, args.num_classes), jnp.float32)}
     opt_state = jax.eval_shape(tx.init, params)
-    param_shardings, opt_shardings = sa.tree_shardings(params, mesh), sa.tree_shardings(opt_state, mesh)
-    rows = NamedSharding(mesh, PartitionSpec(sa.DATA_AXIS))
+    param_shardings, opt_shardings = parallel.state_shardings(params, mesh), parallel.state_shardings(opt_state, mesh)
+    rows = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
     jitted = jax.jit(
         make_step(tx, mesh, scale=args.scale, margin=args.margin),
         in_shardings=(param_shardings, opt_shardings, rows, rows),
@@ -93,7 +93,7 @@ def compile_step(args, model: int, tx):
 def memory_row(args, model: int, tx) -> dict:
     """Per-device bytes for `model` devices on the model axis, from shard shapes and the compiled step."""
     mesh, jitted, _, abstract = compile_step(args, model, tx)
-    shard = sa.centers_sharding(mesh).shard_shape((args.embed_dim, args.num_classes))
+    shard = parallel.centers_sharding(mesh).shard_shape((args.embed_dim, args.num_classes))
     centres = int(np.prod(shard)) * 4
     memory = jitted.lower(*abstract).compile().memory_analysis()
     return {
@@ -125,7 +125,7 @@ def run_on_devices(args, tx) -> dict:
 
         def centers_row(i):
             row = jax.random.normal(jax.random.fold_in(centers_key, i), (args.num_classes,)) * 0.01
-            return jax.lax.with_sharding_constraint(row, NamedSharding(mesh, PartitionSpec(sa.MODEL_AXIS)))
+            return jax.lax.with_sharding_constraint(row, NamedSharding(mesh, PartitionSpec(parallel.MODEL_AXIS)))
 
         params = {"projection": jax.random.normal(projection_key, (args.feature_dim, args.embed_dim)) * 0.05,
                   "centers": jax.lax.map(centers_row, jnp.arange(args.embed_dim))}

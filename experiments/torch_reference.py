@@ -220,7 +220,7 @@ def template_model(head: str, arch: str, num_classes: int, *, embeddings_size: i
 
 
 def template_loss(head: str, *, logreg: int = 0, angular_scale: float = 64.0, angular_margin: float = 0.5):
-    """`loss(model, outputs, batch) -> scalar`, like `jaxembed.train.template_loss`.
+    """`loss(model, outputs, batch) -> scalar`, like the loss of `jaxembed.tasks.for_config(config).loss_fn()`.
 
     batch: `label` int64 (B,), `labels` float32 (B, C) multi-hot.
     """

@@ -2,13 +2,20 @@
 
 import importlib.util
 import pathlib
+import sys
 from types import ModuleType
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 
 def load(name: str) -> ModuleType:
-    """experiments/<name>.py, executed as module `<name>_experiment` (its main() is not run)."""
+    """experiments/<name>.py, executed as module `<name>_experiment` (its main() is not run).
+
+    experiments/ goes on sys.path, as it is for `python experiments/<name>.py`: the scripts import
+    their shared `runner` module from there.
+    """
+    if str(EXPERIMENTS) not in sys.path:
+        sys.path.append(str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"{name}_experiment", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,6 +1,9 @@
-"""experiments/fashion_mnist.py's idx reader and PNG cache, on small synthetic idx files (no training)."""
+"""experiments/fashion_mnist.py's idx reader, PNG cache, pixel baseline and table (no training)."""
 
+import argparse
 import gzip
+import json
+import shlex
 
 import numpy as np
 import pytest
@@ -58,3 +61,32 @@ def test_cache_folder_reads_back_with_concept_names(fashion, tmp_path):
         concept = loaded.concepts[item_labels[0]]
         label = [fashion.folder_name(c) for c in fashion.CONCEPTS].index(concept)
         np.testing.assert_array_equal(data_lib.decode_image(item)[..., 0], images[label])
+
+
+def test_pixel_baseline_is_nearest_neighbours_on_pixels_centred_on_the_training_mean(fashion):
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (10, 28, 28)).astype(np.float32)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 3)
+
+    def noisy(scale):  # three images per concept, each its pattern plus a little noise
+        return np.clip(patterns[labels] + rng.normal(0, scale, (30, 28, 28)), 0, 255).astype(np.uint8)
+
+    metrics = fashion.pixel_baseline((noisy(5), labels), (noisy(5), labels))
+    assert metrics["accuracy"] == metrics["recall@1"] == metrics["map@r"] == 1.0
+    assert (metrics["accuracy_kind"], metrics["num_test_images"]) == ("1-NN vs train pixels", 30)
+    # The nearest training image decides: swap the training labels of two concepts, and their test
+    # images are all wrong.
+    swapped = np.where(labels == 0, 1, np.where(labels == 1, 0, labels)).astype(np.uint8)
+    assert fashion.pixel_baseline((noisy(5), swapped), (noisy(5), labels))["accuracy"] == pytest.approx(0.8)
+
+
+def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(fashion):
+    results = experiment_script.EXPERIMENTS / "results" / "fashion_mnist"
+    rows = json.loads(results.with_suffix(".json").read_text())
+    assert fashion.markdown(rows) == results.with_suffix(".md").read_text()
+    defaults = argparse.Namespace(num_epochs=None, num_items_per_epoch=None, image_size=32, batch_size=32,
+                                  min_crop_area=0.6, holdout_fraction=0.05)
+    for row in rows:
+        if row["setting"] in fashion.SETTINGS:
+            flags = fashion.train_flags(row["setting"], defaults, "/tmp/jaxembed-fashion-mnist/train")
+            assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]

@@ -1,19 +1,29 @@
-"""experiments/omniglot.py's test set: background_small2 without the concepts background_small1 also has."""
+"""experiments/omniglot.py: its test set (background_small2 without the concepts background_small1 also
+has), its pixel baseline, its commands and its table (no training)."""
 
+import argparse
+import json
 import os
+import shlex
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import _experiment_script as experiment_script
 from jaxembed import data as data_lib
 
 
 @pytest.fixture(scope="module")
-def omniglot():
-    module = experiment_script.load("omniglot")
-    if not os.path.isdir(module.SHARED):
-        pytest.skip(f"the shared Omniglot zips are not at {module.SHARED}")
-    return module
+def script():
+    return experiment_script.load("omniglot")
+
+
+@pytest.fixture(scope="module")
+def omniglot(script):
+    if not os.path.isdir(script.SHARED):
+        pytest.skip(f"the shared Omniglot zips are not at {script.SHARED}")
+    return script
 
 
 def test_the_test_set_holds_only_concepts_never_trained_on(omniglot, tmp_path):
@@ -32,3 +42,34 @@ def test_the_test_set_holds_only_concepts_never_trained_on(omniglot, tmp_path):
     kept = {path: unseen.concepts[labels[0]] for path, labels in zip(unseen.items, unseen.labels, strict=True)}
     original = {path: test.concepts[labels[0]] for path, labels in zip(test.items, test.labels, strict=True)}
     assert all(original[path] == name for path, name in kept.items())
+
+
+def test_pixel_baseline_sees_the_pixels_a_model_sees(script, tmp_path):
+    # Two alphabets of two characters, three drawings each: a bar at the character's own place.
+    for alphabet in ("A", "B"):
+        for character in range(2):
+            folder = tmp_path / alphabet / f"character{character}"
+            folder.mkdir(parents=True)
+            for drawing in range(3):
+                pixels = np.full((40, 40), 255, np.uint8)
+                row = 4 + 16 * character + 2 * drawing + (8 if alphabet == "B" else 0)
+                pixels[row:row + 3, 5:35] = 0
+                Image.fromarray(pixels).save(folder / f"{drawing}.png")
+    images = data_lib.load_source(str(tmp_path))
+    row = script.baseline_row(images, 32)
+    assert (row["method"], row["command"], row["num_images"], row["num_concepts"]) == ("raw pixels, 32 px", "-", 12, 4)
+    assert row["recall@1"] == 1.0 and 0 < row["map@r"] <= 1
+    assert "one_shot_2way" in row  # episodes within an alphabet, which holds two characters
+    assert script.runner.eval_pixels(images, 32).shape == (12, 32, 32)
+
+
+def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script):
+    results = experiment_script.EXPERIMENTS / "results" / "omniglot.json"
+    rows = json.loads(results.read_text())
+    assert script.markdown(rows) == results.with_suffix(".md").read_text()
+    defaults = argparse.Namespace(image_size=48, num_epochs=10, batch_size=32)
+    for row in rows:
+        if row["command"] != "-":
+            name = row["method"].split(" ")[0]
+            flags = script.train_flags(name, defaults, "/tmp/jaxembed-omniglot/images_background_small1")
+            assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
