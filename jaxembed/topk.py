@@ -148,6 +148,16 @@ def top_k(rows: ShardedRows, queries: np.ndarray | jax.Array, k: int, *,
                   mesh=rows.mesh, recall_target=recall_target)
 
 
+def lower_top_k(layout: RowLayout, dim: int, mesh: Mesh, num_queries: int, k: int, *,
+                recall_target: float | None = None) -> jax.stages.Lowered:
+    """`top_k` for rows of `layout` lowered from shapes alone, allocating nothing: e.g.
+    `.compile().memory_analysis()` gives the per-device bytes of an index too large to build here."""
+    rows = jax.ShapeDtypeStruct((layout.padded_count, dim), jnp.float32, sharding=row_sharding(mesh))
+    queries = jax.ShapeDtypeStruct((num_queries, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
+    return _top_k.lower(rows, queries, k=k, count=layout.count, block=layout.block, mesh=mesh,
+                        recall_target=recall_target)
+
+
 @functools.partial(jax.jit, static_argnames=("k", "count", "block", "mesh", "recall_target"))
 def _top_k(rows: jax.Array, queries: jax.Array, *, k: int, count: int, block: int, mesh: Mesh,
            recall_target: float | None) -> tuple[jax.Array, jax.Array]:

@@ -256,6 +256,11 @@ def test_adding_skips_stored_files_and_refuses_another_run(tiny):
     again = index.build_index(tiny["workdir"], os.path.join(tiny["images"], "1"), out, batch_size=8, chunk_size=8,
                               progress=False)
     assert again["added"] == 0 and again["already_stored"] == 12
+    manifest = os.path.join(plain, "sevens.csv")
+    with open(manifest, "w") as f:
+        f.write("path,concepts\n" + "".join(f"7/{name},seven;odd\n" for name in sorted(os.listdir(f"{plain}/7"))))
+    from_manifest = index.build_index(tiny["workdir"], manifest, out, batch_size=8, chunk_size=8, progress=False)
+    assert from_manifest["added"] == 2 and index.read_index(out).labels[-2:] == ("seven", "seven")
 
     meta = index.read_meta(out)
     fileio.write_json(os.path.join(out, index.META), {**meta, "run": {**meta["run"], "step": 999, "dim": 7}})
@@ -264,7 +269,7 @@ def test_adding_skips_stored_files_and_refuses_another_run(tiny):
             f"of run {workdir} at checkpoint step {meta['run']['step']} (dimension {meta['run']['dim']})")
     with pytest.raises(ValueError, match=re.escape(both)):
         index.build_index(tiny["workdir"], plain, out, batch_size=8, chunk_size=8, progress=False)
-    assert index.read_meta(out)["count"] == 14
+    assert index.read_meta(out)["count"] == 16
 
 
 def test_search_command_prints_json_and_writes_the_page(tiny):
