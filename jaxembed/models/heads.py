@@ -119,6 +119,7 @@ class ArcFaceModel(nn.Module):
         features = self.backbone(normalize_images(images, self.dtype), train=train).astype(dtype)
         x = _head_batch_norm(train, "feature_bn", dtype)(features)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.embeddings_size, dtype=dtype, param_dtype=dtype, name="embedding_fc")(x)
+        # No bias: the batch norm right after subtracts it again (its gradient is zero up to rounding).
+        x = nn.Dense(self.embeddings_size, use_bias=False, dtype=dtype, param_dtype=dtype, name="embedding_fc")(x)
         x = _head_batch_norm(train, "embedding_bn", dtype, use_scale=False)(x)
         return {"embedding": l2_normalize(as_float(x)), "features": x}
