@@ -129,21 +129,30 @@ def _check_divisible(batch: int, num_classes: int, mesh: Mesh) -> None:
             raise ValueError(f"{name}={size} must be divisible by the mesh's {axis} size ({mesh.shape[axis]})")
 
 
-def softmax_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def softmax_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
     """Softmax cross-entropy for single-label classes (logreg=0), averaged over the batch.
 
     Args:
       logits: `(batch, num_classes)`.
       labels: `(batch,)` integer class indices.
+      label_smoothing: the target puts `1 - label_smoothing` on the label and spreads
+        `label_smoothing` evenly over all classes (Szegedy et al. 2016, as `optax.smooth_labels`).
     """
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(as_float(logits), labels))
+    logits = as_float(logits)
+    if not label_smoothing:
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits, targets))
 
 
 def sigmoid_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """Independent sigmoid cross-entropy per concept (logreg=1, multi-label).
 
     Summed over concepts and averaged over the batch, so each image contributes one loss term
-    whatever the number of concepts (which keeps `per_item_lrate` meaningful).
+    whatever the number of concepts (which keeps `per_item_lrate` meaningful). The sum's gradient
+    grows with the concept count only while the negatives are not yet predicted unlikely: the
+    trainer therefore starts each unit's bias at the prior `-log(C - 1)` (`tasks.Sigmoid`), where
+    the C - 1 negatives of an image contribute a gradient of total size (C - 1) / C, as softmax's.
 
     Args:
       logits: `(batch, num_concepts)`.

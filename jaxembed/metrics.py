@@ -216,6 +216,26 @@ def concept_groups(concepts) -> np.ndarray | None:
     return np.asarray([name.split("/", 1)[0] for name in concepts])
 
 
+# ----------------------------------------------------------------------------- the raw-pixel baseline
+
+
+def pixel_vectors(pixels: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """The raw-pixel "embedding" every trained model must beat: each image flattened, centred on the
+    mean image (`mean`, e.g. the training images', else these images' own) and scaled to unit length,
+    so cosine similarity compares deviations from the average image rather than the shared background.
+
+    Args:
+      pixels: `(N, ...)` images of one shape.
+      mean: the flattened mean image `(prod(...),)` to centre on.
+
+    Returns:
+      float32 `(N, prod(...))` unit rows.
+    """
+    flat = np.asarray(pixels, np.float32).reshape(len(pixels), -1)
+    centred = flat - (flat.mean(axis=0) if mean is None else np.asarray(mean, np.float32))
+    return centred / np.maximum(np.linalg.norm(centred, axis=-1, keepdims=True), 1e-12)
+
+
 # ----------------------------------------------------------------------------- all retrieval metrics
 
 

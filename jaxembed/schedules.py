@@ -1,9 +1,11 @@
-"""The templates' learning-rate schedule: piecewise constant, decayed every `step_epochs`."""
+"""The templates' learning-rate schedule: piecewise constant, decayed every `step_epochs`; optionally
+after a linear warmup, or cosine instead of the steps."""
 
 from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import optax
 
 
@@ -31,6 +33,8 @@ def learning_rate_schedule(
     num_epochs: int,
     items_per_epoch: int,
     decay: float = 0.1,
+    warmup_epochs: float = 0.0,
+    kind: str = "step",
 ) -> optax.Schedule:
     """The learning rate at each optimiser step, as the templates define it.
 
@@ -41,6 +45,11 @@ def learning_rate_schedule(
     So the initial rate is held for init_epochs, then multiplied by `decay` every step_epochs.
     Steps at or past num_epochs keep the last rate.
 
+    `kind="cosine"` replaces the steps by `lr0 * (1 + cos(pi * step / total)) / 2`, total = num_epochs *
+    steps_per_epoch (0 from the end on). A warmup of W = round(warmup_epochs * steps_per_epoch) steps
+    multiplies either by `(step + 1) / W` while step < W: the first step already moves (at lr0 / W),
+    step W - 1 runs at the full rate, and the schedule's own boundaries stay where the template puts them.
+
     Args:
       batch_size: global batch size (images per step).
       per_item_lrate: learning rate per image, >= 0.
@@ -49,6 +58,8 @@ def learning_rate_schedule(
       num_epochs: total epochs, >= 1.
       items_per_epoch: images per epoch, >= 1.
       decay: factor applied at each boundary, in (0, 1].
+      warmup_epochs: epochs of linear warmup, >= 0.
+      kind: "step" (the templates') or "cosine".
 
     Returns:
       An optax schedule: step (int or int array) -> learning rate (float32 array).
@@ -66,12 +77,28 @@ def learning_rate_schedule(
         raise ValueError(f"per_item_lrate={per_item_lrate} must be >= 0")
     if not 0 < decay <= 1:
         raise ValueError(f"decay={decay} must be in (0, 1]")
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0")
+    if kind not in ("step", "cosine"):
+        raise ValueError(f"kind={kind!r} must be 'step' or 'cosine'")
     per_epoch = steps_per_epoch(items_per_epoch, batch_size)
-    boundaries = {
-        epoch * per_epoch: decay
-        for epoch in decay_epochs(init_epochs=init_epochs, step_epochs=step_epochs, num_epochs=num_epochs)
-    }
-    return optax.piecewise_constant_schedule(batch_size * per_item_lrate, boundaries)
+    initial = batch_size * per_item_lrate
+    if kind == "cosine":
+        decayed = optax.cosine_decay_schedule(initial, num_epochs * per_epoch)
+    else:
+        boundaries = {
+            epoch * per_epoch: decay
+            for epoch in decay_epochs(init_epochs=init_epochs, step_epochs=step_epochs, num_epochs=num_epochs)
+        }
+        decayed = optax.piecewise_constant_schedule(initial, boundaries)
+    warmup_steps = round(warmup_epochs * per_epoch)
+    if warmup_steps == 0:
+        return decayed
+
+    def warmed_up(step):
+        return decayed(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
+
+    return warmed_up
 
 
 def total_steps(*, batch_size: int, num_epochs: int, items_per_epoch: int) -> int:

@@ -294,6 +294,18 @@ RUN_OPTIONS = _hparams(
            choices=("images", "concepts")),
     HParam("holdout_fraction", float, 0.1, 0.0, 1.0, None, "fraction of images (or concepts) held out"),
     HParam("min_crop_area", float, 0.25, 0.0, 1.0, None, "random-resized crops keep at least this fraction of the area"),
+    HParam("flip", bool, False, help="random horizontal flips: on for photos and products, off for characters and "
+           "digits (a mirrored glyph is another concept)"),
+    HParam("warmup_epochs", float, 0.0, 0.0, 200.0, None, "linear learning-rate warmup from 0 over these epochs, "
+           "scaling the schedule"),
+    HParam("lr_schedule", str, "step", help="the templates' piecewise-constant decay (init_epochs, step_epochs, "
+           "lr_decay), or cosine decay to 0 at num_epochs", choices=("step", "cosine")),
+    HParam("nesterov", bool, False, help="Nesterov momentum (SGD)"),
+    HParam("label_smoothing", float, 0.0, 0.0, 0.99, None, "softmax (logreg=0) target smoothing"),
+    HParam("clip_grad_norm", float, None, 0.0, None, None, "clip the global gradient norm to this (unset: off)"),
+    HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or a 3x3 "
+           "stride-1 convolution without max-pool for 32-64 px images (pretrained weights need imagenet)",
+           choices=("imagenet", "small")),
     HParam("data_dir", str, None, help="TFDS data directory", same_run=False),
     HParam("depth", int, None, 1, None, 1, "folder data: path components that name a concept"),
     HParam("init_from", str, None, help="torchvision/BN-Inception weights (.pth or .safetensors) for the backbone"),

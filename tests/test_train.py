@@ -42,7 +42,7 @@ def check_run(workdir, summary, name, metric):
     assert 0 <= summary[metric] <= 1
     run = rundir.RunDir(workdir)
     steps = [r for r in run.metrics() if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3]  # the last step is read after the loop, not logged
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # the last step too, read after the loop
     assert steps[0]["learning_rate"] == pytest.approx(8 * 0.002)
     assert steps[-1]["learning_rate"] == pytest.approx(8 * 0.0002)  # decayed after init_epochs=1 (2 steps)
     assert any(metric in r for r in run.metrics())

@@ -57,14 +57,14 @@ def train_batches(
     start_epoch: int = 0,
     skip_batches: int = 0,
     crop_area: tuple[float, float] = (0.25, 1.0),
-    flip: bool = True,
+    flip: bool = False,
 ) -> Iterator[Batch]:
     """Endless augmented training batches for this process, reshuffled every epoch.
 
     Each epoch is a new permutation of this process's shard (drawn from `seed`, the epoch and
     `process_index`), cut to `steps_per_epoch(len(data), batch_size, process_count)` full batches.
     Each image gets a random-resized crop (area fraction in `crop_area`, aspect 3/4..4/3) and, with
-    `flip`, a random horizontal flip.
+    `flip`, a random horizontal flip (off by default: a mirrored character or digit is another concept).
 
     `crop_area` defaults to (0.25, 1) rather than ImageNet's (0.08, 1): for embeddings the concept must
     remain recognisable in the crop, and small images (8x8 digits, 105x105 glyphs) have little to spare.

@@ -57,9 +57,12 @@ def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}") from None
 
 
+STEMS = ("imagenet", "small")
+
+
 def create(
     arch: str, *, num_classes: int | None = None, dtype: Any = jnp.float32, remat: bool = False,
-    conv_impl: str = "auto",
+    conv_impl: str = "auto", stem: str = "imagenet",
 ) -> nn.Module:
     """Backbone `arch` as a Linen module.
 
@@ -71,9 +74,14 @@ def create(
     remat: rematerialise each residual/inception block to save activation memory.
     conv_impl: "auto" (XLA:CPU-friendly forms on CPU, native convolutions elsewhere), "native" or
       "cpu"; see `conv_forms`. Same parameters and outputs either way.
+    stem: "imagenet" (the published networks') or "small" (3x3 stride-1, no max-pool: for 32-64 px
+      images); a registered backbone gets `stem=` only when it is not "imagenet".
     """
+    if stem not in STEMS:
+        raise ValueError(f"stem={stem!r} is invalid: expected one of {', '.join(STEMS)}")
     constructor, _ = _lookup(arch)
-    return constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl)
+    extra = {} if stem == "imagenet" else {"stem": stem}
+    return constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl, **extra)
 
 
 def feature_dim(arch: str) -> int:

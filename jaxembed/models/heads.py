@@ -66,12 +66,14 @@ class ClassifierModel(nn.Module):
     backbone: nn.Module
     num_classes: int
     dtype: Any = jnp.float32
+    bias_init: float = 0.0  # the classifier's initial bias (a prior; see `tasks.Sigmoid`)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         dtype = head_dtype(self.dtype)
         features = self.backbone(normalize_images(images, self.dtype), train=train).astype(dtype)
-        classifier = nn.Dense(self.num_classes, dtype=dtype, param_dtype=dtype, name="classifier")
+        classifier = nn.Dense(self.num_classes, dtype=dtype, param_dtype=dtype,
+                              bias_init=nn.initializers.constant(self.bias_init), name="classifier")
         logits = classifier(features)
         return {"embedding": l2_normalize(as_float(features)), "logits": logits}
 

@@ -167,6 +167,8 @@ class InceptionBN(nn.Module):
       conv_impl: "auto" (on CPU the faster forms of `conv_forms`, elsewhere XLA's convolutions),
         "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
+      stem: "imagenet" (7x7/2 convolution and max-pool before conv2: 1/8 resolution into inception_3a)
+        or "small" (a 3x3 stride-1 convolution `conv1_3x3_s1`, no first max-pool: 1/2), for 32-64 px.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 1024) float32
     features, or (B, num_classes) float32 logits.
@@ -176,14 +178,19 @@ class InceptionBN(nn.Module):
     remat: bool = False
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    stem: str = "imagenet"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(InceptionBlock, static_argnums=(2,)) if self.remat else InceptionBlock
 
-        x = ConvBNReLU(64, kernel=7, stride=2, padding=3, conv_impl=self.conv_impl, dtype=self.dtype,
-                       name="conv1_7x7_s2")(x, train)
-        x = _max_pool_s2(x)
+        if self.stem == "small":
+            x = ConvBNReLU(64, kernel=3, padding=1, conv_impl=self.conv_impl, dtype=self.dtype,
+                           name="conv1_3x3_s1")(x, train)
+        else:
+            x = ConvBNReLU(64, kernel=7, stride=2, padding=3, conv_impl=self.conv_impl, dtype=self.dtype,
+                           name="conv1_7x7_s2")(x, train)
+            x = _max_pool_s2(x)
         x = ConvBNReLU(64, conv_impl=self.conv_impl, dtype=self.dtype, name="conv2_3x3_reduce")(x, train)
         x = ConvBNReLU(192, kernel=3, padding=1, conv_impl=self.conv_impl, dtype=self.dtype, name="conv2_3x3")(x, train)
         x = _max_pool_s2(x)

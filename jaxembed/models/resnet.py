@@ -129,6 +129,9 @@ class ResNet(nn.Module):
       conv_impl: "auto" (on CPU the faster forms of `conv_forms`, elsewhere XLA's convolutions),
         "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
+      stem: "imagenet" (7x7/2 convolution and 3x3/2 max-pool: 1/4 resolution into stage 1) or "small"
+        (one 3x3 stride-1 convolution, no pool: full resolution), for 32-64 px images, where the
+        ImageNet stem leaves stage 4 with a 1x1 map whose 3x3 convolutions see only their centre tap.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 2048) float32
     features, or (B, num_classes) float32 logits.
@@ -142,14 +145,19 @@ class ResNet(nn.Module):
     remat: bool = False
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+    stem: str = "imagenet"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
 
-        x = _conv(64, 7, 2, 3, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
-        x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        if self.stem == "small":
+            x = _conv(64, 3, 1, 1, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
+            x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
+        else:
+            x = _conv(64, 7, 2, 3, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
+            x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
         for stage, num_blocks in enumerate(self.stage_sizes):
             planes = 64 * 2**stage

@@ -83,28 +83,36 @@ class SignalVote:
 
 
 class MetricsLog:
-    """Writes every `log_every`-th step's metrics to metrics.jsonl and the progress bar.
+    """Writes the mean of each window of `log_every` steps' metrics to metrics.jsonl and the progress bar.
 
-    The loop hands over each step's metrics one step late (`record`), so reading them never waits
-    for the devices to finish the step just dispatched.
+    A window's mean, not its last step's value: one batch's loss is noise, and a spike between two
+    logged steps would go unseen. The loop hands over each step's metrics one step late (`record`),
+    so reading them never waits for the devices to finish the step just dispatched.
     """
 
     def __init__(self, run_dir: rundir.RunDir, run, start: int, end: int):
         self._run_dir, self._run = run_dir, run
         self._window_start, self._window_images = time.perf_counter(), 0
+        self._window_sums: dict[str, float] = {}
+        self._window_steps = 0
         self.progress = tqdm(total=end, initial=start, desc=f"{run.config.template.name} step", unit="step",
                              disable=not run.config.progress or jax.process_index() != 0, dynamic_ncols=True)
 
     def record(self, step: int, metrics: dict) -> None:
         """Metrics of the step that took the state from `step` to `step + 1`."""
         self._window_images += self._run.config.batch_size
+        self._window_steps += 1
+        for name, value in metrics.items():
+            self._window_sums[name] = self._window_sums.get(name, 0.0) + float(value)
         if (step + 1) % self._run.config.log_every:
             return
         rate = self._window_images / (time.perf_counter() - self._window_start)
         entry = {"step": step + 1, "epoch": (step + 1) / self._run.steps_per_epoch,
                  "learning_rate": float(self._run.schedule(step)), "images_per_second": rate,
-                 **{name: float(value) for name, value in metrics.items()}}
+                 "window_steps": self._window_steps,
+                 **{name: total / self._window_steps for name, total in self._window_sums.items()}}
         self._run_dir.append_metrics(entry)
         self.progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.3g}",
                                   img_s=f"{rate:.1f}", refresh=False)
         self._window_start, self._window_images = time.perf_counter(), 0
+        self._window_sums, self._window_steps = {}, 0

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxembed import data as data_lib
-from jaxembed import embed, evaluate, models, parallel, rundir, templates
+from jaxembed import embed, evaluate, metrics, models, parallel, rundir, templates
 from jaxembed.train import hooks
 from jaxembed.train.prepare import Run, prepare_run
 from jaxembed.train.state import TrainState
@@ -27,7 +27,7 @@ def training_batches(run: Run, step: int) -> Iterator[dict]:
     return data_lib.train_batches(
         run.train_data, image_size=run.config.image_size, batch_size=run.local_batch_size, seed=run.config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_batches=step,
-        crop_area=(run.config.min_crop_area, 1.0))
+        crop_area=(run.config.min_crop_area, 1.0), flip=run.config.flip)
 
 
 def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str | None = None,
@@ -108,8 +108,9 @@ def _train(run: Run, steps: Steps, state: TrainState, last_good: int | None, run
             if agreed_signum:
                 stopped_by = signal.Signals(agreed_signum).name
                 break
-        if pending is not None:
+        if pending is not None:  # the last step's metrics, which no later step handed over
             hooks.check_finite(*pending, last_good)
+            metrics_log.record(*pending)
             last_loss = float(pending[1]["loss"])
         if int(state.step) not in (last_good, start):
             manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
@@ -131,11 +132,24 @@ def _summary(run: Run, state: TrainState, data, *, stopped_by: str | None, last_
     return summary
 
 
+@jax.jit
+def _flat_pixels(unused_variables, images: jax.Array) -> dict[str, jax.Array]:
+    return {"embedding": images.reshape(images.shape[0], -1).astype(np.float32)}
+
+
 def evaluate_run(run: Run, state: TrainState, steps: Steps) -> dict[str, float]:
-    """Held-out metrics, prefixed `eval/`: retrieval Recall@1/5, MAP@R and one-shot accuracy, and the
-    task's classification metrics (top-1 for softmax, mAP for sigmoid)."""
-    outputs = embed.embed_dataset(steps.evaluate, state.variables, run.eval_data, image_size=run.config.image_size,
-                                  batch_size=run.config.eval_batch_size, mesh=run.mesh)
-    metrics = evaluate.dataset_metrics(outputs, run.eval_data, run.concepts, run.task)
+    """Held-out metrics, prefixed `eval/`: retrieval Recall@1/5, MAP@R and one-shot accuracy, the
+    task's classification metrics (top-1 for softmax, mAP for sigmoid), and `eval/pixels_recall@1`:
+    the raw-pixel nearest neighbour's Recall@1 on the same images at the same size, the baseline the
+    model must beat (`metrics.pixel_vectors`)."""
+    size, batch = run.config.image_size, run.config.eval_batch_size
+    outputs = embed.embed_dataset(steps.evaluate, state.variables, run.eval_data, image_size=size,
+                                  batch_size=batch, mesh=run.mesh)
+    results = evaluate.dataset_metrics(outputs, run.eval_data, run.concepts, run.task)
+    pixels = embed.embed_dataset(_flat_pixels, None, run.eval_data, image_size=size, batch_size=batch, mesh=run.mesh)
+    pixel_results = evaluate.dataset_metrics({**pixels, "embedding": metrics.pixel_vectors(pixels["embedding"])},
+                                             run.eval_data, run.concepts, None)
+    if "recall@1" in pixel_results:
+        results["pixels_recall@1"] = pixel_results["recall@1"]
     return {"eval/num_images": float(len(outputs["index"])),
-            **{f"eval/{k}": float(v) for k, v in metrics.items() if k not in ("num_images",)}}
+            **{f"eval/{k}": float(v) for k, v in results.items() if k not in ("num_images",)}}

@@ -71,6 +71,10 @@ def _check(config: templates.Config, task: tasks.Task, data: data_lib.LabelledIm
     if config.model_parallelism > 1 and not task.has_class_centres:
         raise ValueError(f"model_parallelism={config.model_parallelism} shards the ArcFace class centres, "
                          f"which the {config.template.name} template does not have: use model_parallelism=1")
+    if config.init_from and config.stem != "imagenet":
+        raise ValueError(f"init_from={config.init_from!r}: pretrained weights have the ImageNet stem (a 7x7/2 first "
+                         f"convolution), stem={config.stem!r} has another first layer; use stem=imagenet to start "
+                         "from them")
 
 
 def prepare_run(config: templates.Config, data: data_lib.LabelledImages) -> Run:
@@ -92,7 +96,7 @@ def prepare_run(config: templates.Config, data: data_lib.LabelledImages) -> Run:
     schedule = schedules.learning_rate_schedule(
         batch_size=config.batch_size, per_item_lrate=config.per_item_lrate, init_epochs=config.init_epochs,
         step_epochs=config.step_epochs, num_epochs=config.num_epochs, items_per_epoch=items_per_epoch,
-        decay=config.lr_decay)
+        decay=config.lr_decay, warmup_epochs=config.warmup_epochs, kind=config.lr_schedule)
     model = tasks.build_model(config, train_data.num_concepts)
     per_epoch = schedules.steps_per_epoch(items_per_epoch, config.batch_size)
     return Run(config=config, task=task, data=data, train_data=train_data, eval_data=eval_data, heldout=heldout,

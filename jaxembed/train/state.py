@@ -34,12 +34,16 @@ def _decay_mask(params):
 
 
 def build_optimizer(schedule: optax.Schedule, config: templates.Config) -> optax.GradientTransformation:
-    """SGD with momentum (or AdamW) at `schedule`, with `config.weight_decay` on kernels and centres."""
+    """SGD with momentum (Nesterov's with `config.nesterov`), or AdamW, at `schedule`, with
+    `config.weight_decay` on kernels and centres; the raw gradient's global norm is first clipped to
+    `config.clip_grad_norm` when set (before weight decay, which is not a gradient of the data)."""
+    clip = [] if config.clip_grad_norm is None else [optax.clip_by_global_norm(config.clip_grad_norm)]
     if config.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask)
+        return optax.chain(*clip, optax.adamw(schedule, weight_decay=config.weight_decay, mask=_decay_mask))
     return optax.chain(
+        *clip,
         optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
-        optax.sgd(schedule, momentum=config.momentum),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
     )
 
 

@@ -1,0 +1,242 @@
+"""The training-recipe options (issue 18), each against an independent reference: a hand-computed
+value, a formula, or an image whose left and right halves differ."""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tiny
+from PIL import Image
+
+from jaxembed import data as data_lib
+from jaxembed import losses, metrics, models, rundir, schedules, tasks, templates
+from jaxembed.train import build_optimizer, loop, prepare_run
+
+# ----------------------------------------------------------------------------- flip
+
+
+def _half_black_half_white(size: int = 40) -> bytes:
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[:, size // 2:] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _dark_on_left(flip: bool) -> np.ndarray:
+    """For 64 augmented copies of a left-black/right-white image: whether each still has black left."""
+    image = _half_black_half_white()
+    images = data_lib.LabelledImages(items=(image,) * 8, labels=((0,),) * 8, concepts=("half",),
+                                     item_names=tuple(f"half{i}" for i in range(8)))
+    batches = data_lib.train_batches(images, image_size=32, batch_size=8, seed=0, crop_area=(0.5, 1.0), flip=flip)
+    pixels = np.concatenate([next(batches)["image"] for _ in range(8)]).astype(np.float32)
+    return pixels[:, :, :8].mean(axis=(1, 2, 3)) < pixels[:, :, -8:].mean(axis=(1, 2, 3))
+
+
+def test_without_flip_no_image_is_mirrored():
+    assert _dark_on_left(flip=False).all()
+
+
+def test_with_flip_about_half_are_mirrored():
+    mirrored = np.count_nonzero(~_dark_on_left(flip=True))
+    assert 16 <= mirrored <= 48  # 64 fair coin flips: outside this is 1 in 10^5
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_flip_is_off_unless_asked_and_reaches_the_pipeline(monkeypatch, flip):
+    assert templates.get("inception_bn").config().flip is False
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(data_lib, "train_batches", spy)
+    run = prepare_run(tiny.config(flip=flip), tiny.digits())
+    with pytest.raises(RuntimeError, match="stop here"):
+        next(loop.training_batches(run, 0))
+    assert seen["flip"] is flip
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+SCHEDULE = dict(batch_size=10, per_item_lrate=0.01, init_epochs=2, step_epochs=1, num_epochs=4, items_per_epoch=95)
+
+
+def test_warmup_scales_the_first_steps_and_keeps_the_template_boundaries():
+    # 10 steps per epoch, so a 1.5-epoch warmup is 15 steps; the decays stay at steps 20 and 30.
+    schedule = schedules.learning_rate_schedule(**SCHEDULE, warmup_epochs=1.5)
+    expected = {0: 0.1 / 15, 1: 0.1 * 2 / 15, 13: 0.1 * 14 / 15, 14: 0.1, 19: 0.1, 20: 0.01, 29: 0.01, 30: 0.001}
+    for step, rate in expected.items():
+        assert float(schedule(step)) == pytest.approx(rate, rel=1e-6), step
+
+
+def test_warmup_longer_than_the_first_decay_scales_the_decayed_rate():
+    schedule = schedules.learning_rate_schedule(**SCHEDULE, warmup_epochs=2.5)  # 25 steps
+    assert float(schedule(21)) == pytest.approx(0.01 * 22 / 25, rel=1e-6)
+
+
+def test_cosine_schedule_follows_the_formula():
+    # In float64: in float32, 1 + cos(x) near x = pi loses digits to cancellation, not to a mistake.
+    with jax.enable_x64(True):
+        schedule = schedules.learning_rate_schedule(**SCHEDULE, kind="cosine")
+        for step in (0, 7, 20, 33, 39, 40, 55):
+            expected = 0.1 * (1 + math.cos(math.pi * min(step, 40) / 40)) / 2
+            assert float(schedule(step)) == pytest.approx(expected, rel=1e-9, abs=1e-15), step
+
+
+def test_schedule_refuses_bad_options():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        schedules.learning_rate_schedule(**SCHEDULE, warmup_epochs=-1)
+    with pytest.raises(ValueError, match="kind"):
+        schedules.learning_rate_schedule(**SCHEDULE, kind="linear")
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _updates(config: templates.Config, gradients: list[dict]) -> list[np.ndarray]:
+    tx = build_optimizer(optax.constant_schedule(0.5), config)
+    params = {"w": jnp.zeros((2,), jnp.float32)}  # 1-D: no weight decay on it
+    opt_state = tx.init(params)
+    out = []
+    for grads in gradients:
+        updates, opt_state = tx.update(grads, opt_state, params)
+        out.append(np.asarray(updates["w"]))
+    return out
+
+
+def test_gradient_clipping_scales_the_global_norm_down_to_the_limit():
+    config = tiny.config(momentum=0.0, clip_grad_norm=1.0)
+    (update,) = _updates(config, [{"w": jnp.array([3.0, 4.0])}])  # norm 5
+    np.testing.assert_allclose(update, -0.5 * np.array([0.6, 0.8]), rtol=1e-6)
+    (small,) = _updates(config, [{"w": jnp.array([0.3, 0.4])}])  # norm 0.5: untouched
+    np.testing.assert_allclose(small, -0.5 * np.array([0.3, 0.4]), rtol=1e-6)
+
+
+def test_nesterov_momentum_by_hand():
+    # velocity v_t = g_t + m v_{t-1}; Nesterov's step is lr * (g_t + m v_t).
+    m, g1, g2 = 0.9, np.array([1.0, -2.0]), np.array([0.5, 0.25])
+    first, second = _updates(tiny.config(momentum=m, nesterov=True), [{"w": jnp.asarray(g1)}, {"w": jnp.asarray(g2)}])
+    np.testing.assert_allclose(first, -0.5 * (g1 + m * g1), rtol=1e-6)
+    np.testing.assert_allclose(second, -0.5 * (g2 + m * (g2 + m * g1)), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_label_smoothing_by_hand():
+    logits, label, eps = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([0]), 0.3
+    log_p = np.asarray(jax.nn.log_softmax(logits))[0]
+    target = np.full(3, eps / 3) + np.array([1 - eps, 0, 0])
+    assert float(losses.softmax_loss(logits, label, eps)) == pytest.approx(-(target * log_p).sum(), rel=1e-6)
+    assert float(losses.softmax_loss(logits, label)) == pytest.approx(-log_p[0], rel=1e-6)
+
+
+def test_label_smoothing_only_with_softmax():
+    assert tasks.for_config(tiny.config(logreg=0, label_smoothing=0.1)).label_smoothing == 0.1
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tasks.for_config(tiny.config(logreg=1, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("num_concepts", [10, 1000])
+def test_sigmoid_units_start_at_the_prior_so_the_first_step_does_not_grow_with_concepts(num_concepts):
+    model = tasks.build_model(tiny.config(logreg=1), num_concepts)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8))
+    bias = np.asarray(variables["params"]["classifier"]["bias"])
+    np.testing.assert_allclose(1 / (1 + np.exp(-bias)), 1 / num_concepts, rtol=1e-5)
+    # With every unit at 1/C, the C - 1 negatives' logit gradients add up to (C - 1) / C: softmax's size.
+    logits = jnp.asarray(bias)[None]
+    targets = jax.nn.one_hot(jnp.array([0]), num_concepts)
+    gradient = np.asarray(jax.grad(losses.sigmoid_loss)(logits, targets))[0]
+    assert gradient[1:].sum() == pytest.approx((num_concepts - 1) / num_concepts, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- small stem
+
+
+def _activation_sides(arch: str, stem: str, size: int = 32) -> dict[str, int]:
+    """The spatial side of each block's output, from the shapes alone (nothing computed)."""
+    model = models.create(arch, stem=stem)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    apply = functools.partial(model.apply, capture_intermediates=True, mutable=["intermediates"])
+    _, state = jax.eval_shape(apply, variables, x)
+    return {name: value["__call__"][0].shape[1] for name, value in state["intermediates"].items()
+            if name != "__call__" and value["__call__"][0].ndim == 4}
+
+
+def test_small_stem_keeps_the_resolution_of_32px_images():
+    # ImageNet stem: 32 -> 8 into stage 1, 1x1 in stage 4. Small stem: 32 into stage 1, 4x4 in stage 4.
+    imagenet, small = _activation_sides("resnet50", "imagenet"), _activation_sides("resnet50", "small")
+    assert (imagenet["stage1_block0"], imagenet["stage4_block2"]) == (8, 1)
+    assert (small["stem_conv"], small["stage1_block0"], small["stage4_block2"]) == (32, 32, 4)
+    inception = _activation_sides("inception_bn", "small")
+    assert (inception["conv1_3x3_s1"], inception["inception_3a"], inception["inception_5b"]) == (32, 16, 4)
+    assert _activation_sides("inception_bn", "imagenet")["inception_5b"] == 1
+
+
+def test_small_stem_refuses_pretrained_weights(tmp_path):
+    config = tiny.config(stem="small", init_from=str(tmp_path / "resnet50.pth"))
+    with pytest.raises(ValueError, match="stem"):
+        prepare_run(config, tiny.digits())
+
+
+# ----------------------------------------------------------------------------- logging and the summary
+
+
+def test_logged_loss_is_the_mean_over_the_window(tmp_path):
+    every_step, per_two = (tiny.config("inception_bn", log_every=n) for n in (1, 2))
+    for config, name in ((every_step, "one"), (per_two, "two")):
+        loop.train_and_evaluate(config, str(tmp_path / name), data=tiny.digits())
+    losses_each = [r["loss"] for r in rundir.RunDir(str(tmp_path / "one")).metrics() if "loss" in r]
+    logged = [r for r in rundir.RunDir(str(tmp_path / "two")).metrics() if "loss" in r]
+    assert len(losses_each) == tiny.NUM_STEPS and [r["step"] for r in logged] == [2, 4]
+    assert losses_each[0] != losses_each[1]
+    for record, pair in zip(logged, (losses_each[0:2], losses_each[2:4])):
+        assert record["loss"] == pytest.approx(np.mean(pair), rel=1e-6)
+        assert record["window_steps"] == 2
+
+
+def test_summary_gives_the_raw_pixel_recall_of_the_same_heldout_images(tmp_path):
+    data = tiny.digits(step=5)
+    summary = loop.train_and_evaluate(tiny.config("inception_bn"), str(tmp_path), data=data)
+    heldout = rundir.RunDir(str(tmp_path)).heldout(data)
+    # Independent reference: Pillow's centre crop, NumPy centring and a brute-force leave-one-out search.
+    pixels = np.stack([data_lib.preprocess_for_eval(data_lib.decode_image(item), 32) for item in heldout.items])
+    flat = pixels.reshape(len(pixels), -1).astype(np.float64)
+    flat -= flat.mean(axis=0)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    similarity = flat @ flat.T
+    np.fill_diagonal(similarity, -np.inf)
+    labels = heldout.primary_labels
+    expected = np.mean(labels[np.argmax(similarity, axis=1)] == labels)
+    assert summary["eval/pixels_recall@1"] == pytest.approx(expected, abs=1e-9)
+    assert 0 < expected < 1
+
+
+def test_pixel_vectors_centre_on_the_given_mean():
+    pixels = np.array([[[1.0, 3.0]], [[3.0, 7.0]]])
+    # Own mean (2, 5): rows (-1, -2) and (1, 2), each of length sqrt(5).
+    np.testing.assert_allclose(metrics.pixel_vectors(pixels), np.array([[-1, -2], [1, 2]]) / math.sqrt(5), rtol=1e-6)
+    # Given mean (1, 3): the second row is (2, 4), also along (1, 2).
+    np.testing.assert_allclose(metrics.pixel_vectors(pixels, mean=np.array([1.0, 3.0]))[1],
+                               np.array([1, 2]) / math.sqrt(5), rtol=1e-6)
+
+
+def test_new_options_are_recorded_and_checked_on_resume(tmp_path):
+    config = tiny.config("inception_bn", warmup_epochs=0.5, max_steps=2)
+    loop.train_and_evaluate(config, str(tmp_path), data=tiny.digits())
+    assert rundir.RunDir(str(tmp_path)).config()["warmup_epochs"] == 0.5
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        loop.train_and_evaluate(config.replace(warmup_epochs=1.0), str(tmp_path), data=tiny.digits())
+    assert os.path.exists(tmp_path / "run.json")
