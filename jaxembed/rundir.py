@@ -6,6 +6,7 @@
     split.json         the held-out split: the data's item count and the held-out items' positions
                        and names, so evaluation and the report score exactly the images never trained on
     metrics.jsonl      one JSON object per logged step and per evaluation
+    events.out.tfevents.*   the same numbers for TensorBoard
     summary.json       the final metrics
     checkpoints/       orbax checkpoints of the whole train state
     unreadable_checkpoints/   checkpoints that failed to restore, moved aside
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from jaxembed import fileio, templates
@@ -44,6 +46,7 @@ class RunDir:
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        self._events = None  # the TensorBoard event writer, opened by the first `append_metrics`
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -117,8 +120,18 @@ class RunDir:
                              "the same run directory (a shared file system)") from None
 
     def append_metrics(self, record: dict) -> None:
-        if jax.process_index() == 0:
-            fileio.append_jsonl(self.file("metrics.jsonl"), record)
+        """Appends `record` (with its `step`) to metrics.jsonl, and its numbers to the TensorBoard event
+        file beside it (`tensorboard --logdir runs/` shows every run)."""
+        if jax.process_index() != 0:
+            return
+        fileio.append_jsonl(self.file("metrics.jsonl"), record)
+        if self._events is None:
+            self._events = tf.summary.create_file_writer(self.path)
+        with self._events.as_default(step=int(record["step"])):
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tf.summary.scalar(name, value)
+        self._events.flush()
 
     def write_summary(self, summary: dict) -> None:
         if jax.process_index() == 0:

@@ -205,6 +205,23 @@ def test_logged_loss_is_the_mean_over_the_window(tmp_path):
     for record, pair in zip(logged, (losses_each[0:2], losses_each[2:4])):
         assert record["loss"] == pytest.approx(np.mean(pair), rel=1e-6)
         assert record["window_steps"] == 2
+    # TensorBoard's event file beside metrics.jsonl holds the same numbers.
+    assert _tensorboard_scalars(str(tmp_path / "two"), "loss") == pytest.approx(
+        {r["step"]: r["loss"] for r in logged}, rel=1e-6)
+    assert 0 <= _tensorboard_scalars(str(tmp_path / "two"), "eval/recall@1")[tiny.NUM_STEPS] <= 1
+
+
+def _tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
+    import tensorflow as tf
+
+    values = {}
+    for path in tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
 
 
 def test_summary_gives_the_raw_pixel_recall_of_the_same_heldout_images(tmp_path):

@@ -53,10 +53,10 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
             state, stopped_by, last_loss = _train(run, steps, state, last_good, run_dir, manager)
         summary = _summary(run, state, data, stopped_by=stopped_by, last_loss=last_loss)
         if summary["finished"] and len(run.eval_data):
-            metrics = evaluate_run(run, state, steps)
-            summary.update(metrics)
-            run_dir.append_metrics({"step": summary["step"], **metrics})
-            log.info("held-out: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            heldout_metrics = evaluate_run(run, state, steps)
+            summary.update(heldout_metrics)
+            run_dir.append_metrics({"step": summary["step"], **heldout_metrics})
+            log.info("held-out: %s", ", ".join(f"{k}={v:.4f}" for k, v in heldout_metrics.items()))
         run_dir.write_summary(summary)
     return summary
 
