@@ -186,7 +186,8 @@ class ArcFaceModel(nn.Module):
         self.centers = nn.Parameter(torch.randn(embeddings_size, num_classes) * 0.01)
         self.feature_bn = nn.BatchNorm1d(feature_dim, eps=1e-5)
         self.dropout = nn.Dropout(dropout_rate)
-        self.embedding_fc = nn.Linear(feature_dim, embeddings_size)
+        # No bias, as jaxembed's embedding_fc: the batch norm right after subtracts it again.
+        self.embedding_fc = nn.Linear(feature_dim, embeddings_size, bias=False)
         self.embedding_bn = nn.BatchNorm1d(embeddings_size, eps=1e-5, affine=False)
         self.embedding_bias = nn.Parameter(torch.zeros(embeddings_size))  # the BN's shift; no scale
 

@@ -1,9 +1,9 @@
-"""Metrics on small hand-computed cases."""
+"""Metrics (`jaxembed.metrics`) on small hand-computed cases."""
 
 import numpy as np
 import pytest
 
-from jaxembed import evaluate
+from jaxembed import metrics
 
 
 def _unit(angles_degrees):
@@ -16,11 +16,11 @@ def test_recall_at_k_hand_computed():
     embeddings = _unit([0, 10, 100, 115, 200])
     labels = np.array([0, 0, 1, 1, 0])
     # nearest others: 0->10 (hit), 10->0 (hit), 100->115 (hit), 115->100 (hit), 200->115 (miss; 85 deg vs 160/170/100)
-    got = evaluate.recall_at_k(embeddings, labels, ks=(1, 2))
+    got = metrics.recall_at_k(embeddings, labels, ks=(1, 2))
     assert got["recall@1"] == pytest.approx(4 / 5)
     # 200's two nearest: 115 (85 deg) and 100 (100 deg): still a miss
     assert got["recall@2"] == pytest.approx(4 / 5)
-    assert evaluate.recall_at_k(embeddings, labels, ks=(4,))["recall@4"] == 1.0
+    assert metrics.recall_at_k(embeddings, labels, ks=(4,))["recall@4"] == 1.0
 
 
 def test_map_at_r_hand_computed():
@@ -31,12 +31,12 @@ def test_map_at_r_hand_computed():
     # query 100: R=1, ranking 115 (rel): 1
     # query 115: R=1: 100 (rel): 1
     # query 200: R=2, ranking 115, 100: 0
-    assert evaluate.map_at_r(embeddings, labels) == pytest.approx((0.5 + 0.5 + 1 + 1 + 0) / 5)
+    assert metrics.map_at_r(embeddings, labels) == pytest.approx((0.5 + 0.5 + 1 + 1 + 0) / 5)
 
 
 def test_top1_accuracy():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [5.0, -1.0]])
-    assert evaluate.top1_accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+    assert metrics.top1_accuracy(logits, np.array([0, 1, 1])) == pytest.approx(2 / 3)
 
 
 def test_mean_average_precision_hand_computed():
@@ -44,7 +44,7 @@ def test_mean_average_precision_hand_computed():
     targets = np.array([[1, 0], [0, 1], [1, 0], [0, 0]])
     # concept 0 ranking: items 0 (pos), 1, 2 (pos), 3 -> AP = (1/1 + 2/3) / 2
     # concept 1 ranking: items 1 (pos), 3, 0, 2 -> AP = 1
-    assert evaluate.mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
+    assert metrics.mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
 def test_blocked_search_equals_brute_force(monkeypatch):
@@ -52,9 +52,9 @@ def test_blocked_search_equals_brute_force(monkeypatch):
     embeddings = rng.normal(size=(300, 8)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     labels = rng.integers(0, 10, size=300)
-    full = evaluate.recall_at_k(embeddings, labels, ks=(1, 5))
-    monkeypatch.setattr(evaluate, "_BLOCK_FLOATS", 300 * 7)  # 7 queries per block
-    assert evaluate.recall_at_k(embeddings, labels, ks=(1, 5)) == full
+    full = metrics.recall_at_k(embeddings, labels, ks=(1, 5))
+    monkeypatch.setattr(metrics, "_BLOCK_FLOATS", 300 * 7)  # 7 queries per block
+    assert metrics.recall_at_k(embeddings, labels, ks=(1, 5)) == full
     sims = embeddings @ embeddings.T
     np.fill_diagonal(sims, -np.inf)
     brute = np.mean(labels[np.argmax(sims, axis=1)] == labels)
@@ -64,6 +64,6 @@ def test_blocked_search_equals_brute_force(monkeypatch):
 def test_recall_leaves_out_queries_with_no_other_item_of_their_label():
     embeddings = _unit([0, 10, 100, 200])
     labels = np.array([0, 0, 1, 2])  # labels 1 and 2 occur once: no query of theirs can hit
-    assert evaluate.recall_at_k(embeddings, labels, ks=(1,))["recall@1"] == 1.0
+    assert metrics.recall_at_k(embeddings, labels, ks=(1,))["recall@1"] == 1.0
     with pytest.raises(ValueError, match="at least 2 items"):
-        evaluate.recall_at_k(embeddings, np.array([0, 1, 2, 3]))
+        metrics.recall_at_k(embeddings, np.array([0, 1, 2, 3]))

@@ -445,8 +445,10 @@ def test_normalize_images():
 
 
 def test_l2_normalize_is_safe_at_zero():
+    # The heads normalise `as_float(x)`: bfloat16 features give float32 embeddings (l2_normalize itself
+    # keeps its input's dtype, so float64 checks stay float64).
     x = jnp.array([[3.0, 4.0], [0.0, 0.0]], jnp.bfloat16)
-    y = heads.l2_normalize(x)
+    y = heads.l2_normalize(heads.as_float(x))
     assert y.dtype == jnp.float32
     np.testing.assert_allclose(y, [[0.6, 0.8], [0.0, 0.0]], rtol=1e-6)
     grad = jax.grad(lambda v: jnp.sum(heads.l2_normalize(v)))(jnp.zeros((2, 3)))

@@ -6,7 +6,9 @@ initialised torchvision models, and a torch reference of the BN-Inception port
 statistics and affine parameters, imported, and must give the same logits in
 eval mode. Those tests skip without torch. The others need NumPy only: names
 and shapes of the port, the layout of grouped convs against a NumPy version of
-torch's conv2d, error messages, .safetensors files, and merge_backbone.
+torch's conv2d, error messages, .safetensors files, and merge_backbone. The
+converter (`python -m jaxembed.convert_weights`) writes .safetensors files that
+load without torch.
 
 torchvision runs in a fresh interpreter (this file run as a script): it imports
 triton, which segfaults in a process that already loaded TensorFlow, as the
@@ -51,9 +53,8 @@ IMAGE_SIZE = 64
 # Compared on logits; the others (resnet101/152, resnext101_64x4d) on names and shapes only, to keep
 # this file quick on CPU. resnext101_32x8d is the resnext template's default backbone.
 LOGITS_ARCHS = ("resnet50", "resnext50_32x4d", "resnext101_32x8d")
-CONVERTER = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "convert_weights.py"
 # The torch BN-Inception port (imports torch, not torchvision).
-TORCH_REFERENCE = CONVERTER.parent / "torch_reference.py"
+TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "torch_reference.py"
 
 
 def _random_state_dict(arch: str, num_classes: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
@@ -386,9 +387,7 @@ def test_logits_match_the_bn_inception_port(tmp_path):
 @requires_torchvision
 def test_convert_weights_writes_safetensors_that_load_without_torch(torchvision_references, tmp_path):
     pytest.importorskip("safetensors")
-    spec = importlib.util.spec_from_file_location("convert_weights", CONVERTER)
-    convert_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_weights)
+    from jaxembed import convert_weights  # python -m jaxembed.convert_weights
 
     state = torch.load(torchvision_references / "resnet50.pth", weights_only=True)
     # Saved the way training scripts often do: wrapped, with DataParallel's "module." prefix.

@@ -20,7 +20,7 @@ Everything is float32.
 
 Files: `.safetensors` is read with the `safetensors` package (no torch
 needed); any other suffix (`.pth`, `.pt`, `.bin`) with `torch.load(...,
-weights_only=True)`. `python experiments/convert_weights.py IN.pth` converts
+weights_only=True)`. `python -m jaxembed.convert_weights IN.pth` converts
 once where torch is installed.
 
 Preprocessing: torchvision's weights expect what `heads.normalize_images`
@@ -198,7 +198,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError:
         raise ImportError(
             f"reading {path} needs torch; without torch, convert it once where torch is installed "
-            f"(python experiments/convert_weights.py {path}) and load the .safetensors file"
+            f"(python -m jaxembed.convert_weights {path}) and load the .safetensors file"
         ) from None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
