@@ -17,3 +17,15 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 # The one-block test backbone, registered as arch "tiny" for every test module (tests/tiny.py).
 import tiny  # noqa: E402,F401
+
+
+# ------------------------------------------------------------------------- one shared trained tiny run
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tiny.TrainedRun:
+    """A finished 4-step tiny inception_bn run (sigmoid classifier) on 180 digits in a folder, 18 held out,
+    trained once per session (a few seconds on 2 cores) for the tests that need a workdir. They must not change
+    it: they read it, and the report test writes its `report/` folder only."""
+    return tiny.train_digits_run(str(tmp_path_factory.mktemp("tiny_run")), "inception_bn")

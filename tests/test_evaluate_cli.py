@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-from _tiny_run import tiny_run, write_digits_folder
 
+import tiny
 from jaxembed import embed, evaluate
 
 
@@ -89,13 +89,9 @@ def test_cli_needs_images_with_a_workdir(capsys):
     assert "--workdir needs --images" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
-
-
-def test_cli_on_a_workdir_equals_the_cli_on_its_embeddings(run, tmp_path):
-    images = write_digits_folder(str(tmp_path / "digits"), step=30)  # 60 images: one batch, a quick test
+def test_cli_on_a_workdir_equals_the_cli_on_its_embeddings(tiny_run, tmp_path):
+    run = tiny_run  # conftest.py: the session's shared tiny inception_bn run
+    images = tiny.write_digits_folder(str(tmp_path / "digits"), step=30)  # 60 images: one batch, a quick test
     assert evaluate.main(["--workdir", run.workdir, "--images", images, "--out", str(tmp_path / "a.json"),
                           "--episodes", "50"]) == 0
     direct = json.loads((tmp_path / "a.json").read_text())

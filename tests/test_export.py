@@ -9,23 +9,24 @@ import textwrap
 
 import numpy as np
 import pytest
-from _tiny_run import tiny_run
 
 import jaxembed
+import tiny
 from jaxembed import export
 
 
 @pytest.fixture(scope="module")
-def embedder(tmp_path_factory):
+def embedder(tiny_run):
+    """The shared tiny inception_bn run (conftest.py) as an Embedder: `tiny.FEATURES`-d embeddings."""
     # Batches of 8 rather than 64: the reference embeddings of these few images come quicker on a CPU.
-    return dataclasses.replace(jaxembed.load(tiny_run(tmp_path_factory).workdir), batch_size=8)
+    return dataclasses.replace(jaxembed.load(tiny_run.workdir), batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def artefact(tmp_path_factory):
+def artefact(tiny_run, tmp_path_factory):
     """Written by the command line, with a symbolic batch dimension."""
     path = str(tmp_path_factory.mktemp("export") / "inception_bn")
-    assert export.main(["--workdir", tiny_run(tmp_path_factory).workdir, "--out", path]) == 0
+    assert export.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
     return path
 
 
@@ -36,13 +37,13 @@ def random_images(count, size=32, seed=0):
 def test_exported_equals_embedder_for_any_batch_size(embedder, artefact):
     embed = export.load_exported(artefact)
     assert embed.meta["batch_size"] is None and embed.meta["image_size"] == 32
-    assert embed.meta["embedding_size"] == 1024 and embed.meta["concepts"] == list(embedder.concepts)
+    assert embed.meta["embedding_size"] == tiny.FEATURES and embed.meta["concepts"] == list(embedder.concepts)
     # The classifier is not needed for embeddings and is left out of the artefact.
     assert embed.meta["left_out"] == ["['params']['classifier']['bias']", "['params']['classifier']['kernel']"]
     for count in (1, 5):
         images = random_images(count, seed=count)
         got = embed(images)
-        assert got.shape == (count, 1024) and got.dtype == np.float32
+        assert got.shape == (count, tiny.FEATURES) and got.dtype == np.float32
         np.testing.assert_allclose(got, embedder(images), rtol=1e-5, atol=1e-5)
 
 
@@ -52,7 +53,7 @@ def test_fixed_batch_size_pads_and_splits(embedder, tmp_path):
     assert embed.meta["batch_size"] == 4 and embed.meta["platforms"] == ["cpu"]
     images = random_images(6)  # one full batch and one padded
     np.testing.assert_allclose(embed(images), embedder(images), rtol=1e-5, atol=1e-5)
-    assert embed(images[:0]).shape == (0, 1024)
+    assert embed(images[:0]).shape == (0, tiny.FEATURES)
 
 
 def test_wrong_images_are_refused(artefact):

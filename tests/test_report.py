@@ -3,20 +3,21 @@
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
-from _tiny_run import tiny_run
 from PIL import Image
 
-from jaxembed import report
+from jaxembed import metrics, report
 
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
+@pytest.fixture
+def run(tiny_run):
+    """conftest.py's shared tiny inception_bn run: arch "tiny", template inception_bn, 18 held-out images."""
+    return tiny_run
 
 
 def test_pca_2d_finds_the_main_directions():
@@ -40,13 +41,30 @@ def test_queries_cover_concepts_first_and_neighbours_exclude_the_query():
     assert sorted(labels[queries][:2]) == ["a", "b"] and "c" not in labels[queries]
     embeddings = np.eye(3)[[0, 0, 1]] + [[0, 0, 0], [0.1, 0, 0], [0, 0, 0]]
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    np.testing.assert_array_equal(report.nearest_others(embeddings, np.array([0, 2]), 2), [[1, 2], [0, 1]])
+    # The report's neighbours come from jaxembed.metrics (the one nearest-neighbour search).
+    np.testing.assert_array_equal(metrics.nearest_others(embeddings, 2, np.array([0, 2])), [[1, 2], [0, 1]])
 
 
 def test_held_out_split_is_recreated(run):
-    images, note = report.heldout_images(run.workdir)
+    images = report.heldout_images(run.workdir)
     recorded = json.loads(pathlib.Path(run.workdir, "run.json").read_text())
-    assert note is None and len(images) == recorded["num_eval_images"] == 18
+    split = json.loads(pathlib.Path(run.workdir, "split.json").read_text())
+    assert len(images) == recorded["num_eval_images"] == 18
+    assert list(images.item_names) == split["heldout_names"]  # the very images the run never trained on
+
+
+def test_report_refuses_data_that_no_longer_holds_the_held_out_images(run, tmp_path, capsys):
+    # A copy of the run whose run.json names a copy of its data, one held-out image fewer.
+    workdir = shutil.copytree(run.workdir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    data = shutil.copytree(run.images, tmp_path / "digits")
+    held_out = json.loads((workdir / "split.json").read_text())["heldout_names"][0]
+    (data / os.path.relpath(held_out, run.images)).unlink()
+    record = json.loads((workdir / "run.json").read_text())
+    (workdir / "run.json").write_text(json.dumps({**record, "data": str(data)}))
+    with pytest.raises(ValueError, match="split.json does not match the data given"):
+        report.heldout_images(str(workdir))
+    assert report.main(["--workdir", str(workdir)]) == 1
+    assert "jaxembed.report: error: " in capsys.readouterr().err and not (workdir / "report").exists()
 
 
 def check_outputs(paths):
@@ -67,7 +85,7 @@ def test_report_of_the_held_out_split_from_the_command_line(run, capsys):
     assert capsys.readouterr().out.split() == ["wrote", paths.png, "wrote", paths.html]
     check_outputs(paths)
     page = pathlib.Path(paths.html).read_text(encoding="utf-8")
-    assert "the run&#x27;s held-out split (18 images)" in page and "Note:" not in page
+    assert "the run&#x27;s held-out split (18 images)" in page
 
 
 def test_report_of_given_images(run, tmp_path):

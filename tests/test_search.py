@@ -2,9 +2,12 @@
 search and cluster commands, and their errors.
 
 The top-k tests run on synthetic vectors (deliberate ties included) and on real embeddings, on 1 and on
-the 8 fake CPU devices conftest.py sets up. The command tests share one tiny run trained once per session
-with `python -m jaxembed.train` on 120 of scikit-learn's handwritten digits (the run's quality does not
-matter: the tests compare the index with itself and with NumPy).
+the 8 fake CPU devices conftest.py sets up. The command tests index 120 of scikit-learn's handwritten
+digits with the session's shared tiny run (conftest.py's `tiny_run`: arch "tiny", 4 steps; its quality
+does not matter: the tests compare the index with itself and with NumPy). The tools run in this process
+(`main(argv)`), except where the test is about the process: its exit status, a kill, a lock held by another
+process. `test_approximate_search_on_cpu_finds_most_neighbours` needs faiss (the `search` extra) and is
+skipped without it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
+import tiny
 from jaxembed import cluster, fileio, gallery, index, search, topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,7 +170,8 @@ def write_digits(root: str, per_digit: int, start: int = 0) -> str:
 
 
 def run_tool(module: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m jaxembed.<module> args` in a subprocess (8 fake devices, as this process has)."""
+    """`python -m jaxembed.<module> args` in a subprocess (8 fake devices, as this process has), for a test that
+    fails before the run's model is loaded (a fresh process does not know the arch "tiny": `tiny.tool_command`)."""
     done = subprocess.run([sys.executable, "-m", f"jaxembed.{module}", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
     if check and done.returncode != 0:
@@ -175,118 +179,142 @@ def run_tool(module: str, *args: str, check: bool = True) -> subprocess.Complete
     return done
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A tiny trained run, its 120 digit images (+ one corrupt file), and an index of them."""
+@pytest.fixture(scope="module")
+def indexed(tiny_run, tmp_path_factory):
+    """The shared tiny run, 120 digit images (+ one corrupt file) and an index of them, in chunks of 8."""
     base = tmp_path_factory.mktemp("search")
     images = write_digits(str(base / "digits"), per_digit=12)
     with open(os.path.join(images, "3", "broken.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n not really")
-    workdir = str(base / "run")
-    run_tool("train", "--template", "inception_bn", "--workdir", workdir, "--data", images, "--image_size", "32",
-             "--batch_size", "8", "--num_epochs", "1", "--num_items_per_epoch", "16", "--no_progress")
     out = str(base / "index")
-    run_tool("index", "--workdir", workdir, "--images", images, "--out", out, *SMALL_CHUNKS)
-    return {"base": base, "images": images, "workdir": workdir, "index": out}
+    summary = index.build_index(tiny_run.workdir, images, out, batch_size=8, chunk_size=8, progress=False)
+    return {"base": base, "images": images, "workdir": tiny_run.workdir, "index": out, "summary": summary}
 
 
 SMALL_CHUNKS = ("--batch_size", "8", "--chunk_size", "8", "--no_progress")
 
 
-def test_index_records_the_run_the_vectors_and_the_unreadable_file(tiny):
-    stored = index.read_index(tiny["index"])
-    assert stored.meta["run"]["workdir"] == os.path.abspath(tiny["workdir"])
-    assert stored.meta["run"]["step"] >= 1 and stored.vectors.shape == (120, stored.meta["run"]["dim"])
+def test_index_records_the_run_the_vectors_and_the_unreadable_file(indexed):
+    assert indexed["summary"] == {"index": indexed["index"], "added": 120, "already_stored": 0, "skipped": 1,
+                                  "count": 120}
+    stored = index.read_index(indexed["index"])
+    assert stored.meta["run"] == {"workdir": os.path.abspath(indexed["workdir"]), "step": tiny.NUM_STEPS,
+                                  "dim": tiny.FEATURES}  # the run's last checkpoint; the backbone's width
+    assert stored.vectors.shape == (120, tiny.FEATURES) and stored.vectors.dtype == np.float32
     assert len(stored.meta["chunks"]) == 15 and stored.meta["count"] == 120
     assert [os.path.basename(os.path.dirname(p)) for p in stored.paths] == list(stored.labels)
     np.testing.assert_allclose(np.linalg.norm(stored.vectors, axis=1), 1.0, atol=1e-5)
-    broken = os.path.join(tiny["images"], "3", "broken.png")
+    broken = os.path.join(indexed["images"], "3", "broken.png")
     assert list(stored.meta["bad_files"]) == [broken]
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
-def test_top_k_on_real_embeddings(tiny, num_devices):
-    vectors = index.read_index(tiny["index"]).vectors
+def test_top_k_on_real_embeddings(indexed, num_devices):
+    vectors = index.read_index(indexed["index"]).vectors
     rows = topk.place_rows(vectors, mesh_of(num_devices), block_rows=32)
     scores, ids = topk.top_k(rows, vectors[::6], 15)
     # A barely trained model puts many digits within 1e-6 of each other; only those may swap.
     assert_same_top_k(scores, ids, vectors, vectors[::6], 15, near_tie=1e-6)
 
 
-def test_a_crash_mid_index_then_the_same_command_ends_equal(tiny):
-    out = str(tiny["base"] / "crashed")
-    command = [sys.executable, "-m", "jaxembed.index", "--workdir", tiny["workdir"], "--images", tiny["images"],
-               "--out", out, *SMALL_CHUNKS]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not (index.read_meta(out) or {}).get("chunks") and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+# In the process below, SIGKILL arrives as chunk 3's label file is about to be written: its vectors are on disk
+# and meta.json does not record them, the worst moment for a crash (a tiny model indexes 15 chunks in a fraction
+# of a second, too fast to interrupt reliably from outside).
+CRASH_AT_CHUNK_3 = """
+import os, signal
+from jaxembed import fileio
+_write_json = fileio.write_json
+def write_json(path, value):
+    if os.path.basename(path) == "chunk-00003.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    _write_json(path, value)
+fileio.write_json = write_json
+"""
+
+
+def test_a_crash_mid_index_then_the_same_command_ends_equal(indexed, capsys):
+    out = str(indexed["base"] / "crashed")
+    args = ["--workdir", indexed["workdir"], "--images", indexed["images"], "--out", out, *SMALL_CHUNKS]
+    killed = subprocess.run(tiny.tool_command("index", *args, setup=CRASH_AT_CHUNK_3), cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     recorded = index.read_meta(out)["chunks"]
-    assert 1 <= len(recorded) < 15, "the kill came too late to interrupt the indexing"
+    assert recorded == ["chunk-00000", "chunk-00001", "chunk-00002"]
+    leftover = os.path.join(out, "chunk-00003.npy")  # written, never recorded: must be redone, not trusted
+    assert os.path.exists(leftover)
+    np.save(leftover, np.zeros((8, tiny.FEATURES), np.float32))
     first_chunk = os.stat(os.path.join(out, recorded[0] + ".npy"))
 
-    summary = json.loads(run_tool("index", *command[3:]).stdout)
+    assert index.main(args) == 0  # the same command again
+    summary = json.loads(capsys.readouterr().out)
     assert summary["already_stored"] == 8 * len(recorded) and summary["added"] == 120 - 8 * len(recorded)
     assert os.stat(os.path.join(out, recorded[0] + ".npy")).st_mtime_ns == first_chunk.st_mtime_ns  # not redone
-    resumed, clean = index.read_index(out), index.read_index(tiny["index"])
+    resumed, clean = index.read_index(out), index.read_index(indexed["index"])
+    assert resumed.meta["chunks"] == [f"chunk-{n:05d}" for n in range(15)] and resumed.meta["count"] == 120
     assert resumed.paths == clean.paths and resumed.labels == clean.labels
     np.testing.assert_array_equal(resumed.vectors, clean.vectors)
     assert resumed.meta["bad_files"] == clean.meta["bad_files"]
 
 
-def test_a_second_writer_exits_2_naming_the_holder(tiny):
-    with fileio.exclusive_lock(tiny["index"]):
-        done = run_tool("index", "--workdir", tiny["workdir"], "--images", tiny["images"], "--out", tiny["index"],
+def test_a_second_writer_exits_2_naming_the_holder(indexed):
+    with fileio.exclusive_lock(indexed["index"]):
+        done = run_tool("index", "--workdir", indexed["workdir"], "--images", indexed["images"], "--out", indexed["index"],
                         check=False)
     assert done.returncode == 2, done.stderr
     assert "is in use by another writer" in done.stderr and f"pid {os.getpid()}" in done.stderr
 
 
-def test_adding_skips_stored_files_and_refuses_another_run(tiny):
-    out = str(tiny["base"] / "grown")
-    first = index.build_index(tiny["workdir"], os.path.join(tiny["images"], "1"), out, batch_size=8, chunk_size=8,
+def test_adding_skips_stored_files_and_refuses_another_run(indexed):
+    out = str(indexed["base"] / "grown")
+    first = index.build_index(indexed["workdir"], os.path.join(indexed["images"], "1"), out, batch_size=8, chunk_size=8,
                               progress=False)
     assert first["added"] == 12 and index.read_index(out).labels == (None,) * 12  # a plain folder: no labels
-    plain = write_digits(str(tiny["base"] / "more"), per_digit=2, start=12)
-    second = index.build_index(tiny["workdir"], os.path.join(plain, "1"), out, batch_size=8, chunk_size=8,
+    plain = write_digits(str(indexed["base"] / "more"), per_digit=2, start=12)
+    second = index.build_index(indexed["workdir"], os.path.join(plain, "1"), out, batch_size=8, chunk_size=8,
                                progress=False)
     assert second == {**second, "added": 2, "already_stored": 0, "count": 14}
-    again = index.build_index(tiny["workdir"], os.path.join(tiny["images"], "1"), out, batch_size=8, chunk_size=8,
+    again = index.build_index(indexed["workdir"], os.path.join(indexed["images"], "1"), out, batch_size=8, chunk_size=8,
                               progress=False)
     assert again["added"] == 0 and again["already_stored"] == 12
     manifest = os.path.join(plain, "sevens.csv")
     with open(manifest, "w") as f:
         f.write("path,concepts\n" + "".join(f"7/{name},seven;odd\n" for name in sorted(os.listdir(f"{plain}/7"))))
-    from_manifest = index.build_index(tiny["workdir"], manifest, out, batch_size=8, chunk_size=8, progress=False)
+    from_manifest = index.build_index(indexed["workdir"], manifest, out, batch_size=8, chunk_size=8, progress=False)
     assert from_manifest["added"] == 2 and index.read_index(out).labels[-2:] == ("seven", "seven")
 
     meta = index.read_meta(out)
     fileio.write_json(os.path.join(out, index.META), {**meta, "run": {**meta["run"], "step": 999, "dim": 7}})
-    workdir = os.path.abspath(tiny["workdir"])
+    workdir = os.path.abspath(indexed["workdir"])
     both = (f"{out} holds vectors of run {workdir} at checkpoint step 999 (dimension 7); refusing to add vectors "
             f"of run {workdir} at checkpoint step {meta['run']['step']} (dimension {meta['run']['dim']})")
     with pytest.raises(ValueError, match=re.escape(both)):
-        index.build_index(tiny["workdir"], plain, out, batch_size=8, chunk_size=8, progress=False)
+        index.build_index(indexed["workdir"], plain, out, batch_size=8, chunk_size=8, progress=False)
     assert index.read_meta(out)["count"] == 16
 
 
-def test_search_command_prints_json_and_writes_the_page(tiny):
-    page = str(tiny["base"] / "search.html")
-    done = run_tool("search", "--index", tiny["index"], "--query", os.path.join(tiny["images"], "7"), "-k", "5",
-                    "--json", "--html", page)
-    results = json.loads(done.stdout)
+def test_search_command_prints_json_and_writes_the_page(indexed, capsys):
+    page = str(indexed["base"] / "search.html")
+    assert search.main(["--index", indexed["index"], "--query", os.path.join(indexed["images"], "7"), "-k", "5",
+                        "--json", "--html", page]) == 0
+    results = json.loads(capsys.readouterr().out)
     assert len(results) == 12 and all(len(r["results"]) == 5 for r in results)
     top = results[0]["results"][0]
     assert top["path"] == results[0]["query"] and top["score"] == pytest.approx(1.0, abs=1e-5)
     assert results[0]["label"] == "7"
+    # Each score is the inner product of the query's and the result's stored vectors (the queries are indexed).
+    stored = index.read_index(indexed["index"])
+    row = {path: i for i, path in enumerate(stored.paths)}
+    for entry in results:
+        for hit in entry["results"]:
+            assert hit["path"] == stored.paths[hit["id"]] and hit["label"] == stored.labels[hit["id"]]
+            expected = float(stored.vectors[row[entry["query"]]] @ stored.vectors[hit["id"]])
+            assert hit["score"] == pytest.approx(expected, abs=1e-5)
     with open(page) as f:
         assert f.read().count("data:image/png;base64,") == 12 * 6
 
 
-def test_search_command_refuses_k_larger_than_the_index(tiny):
-    done = run_tool("search", "--index", tiny["index"], "--query", os.path.join(tiny["images"], "7"), "-k", "121",
+def test_search_command_refuses_k_larger_than_the_index(indexed):
+    done = run_tool("search", "--index", indexed["index"], "--query", os.path.join(indexed["images"], "7"), "-k", "121",
                     check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert "k=121 must be between 1 and the number of indexed images (120)" in done.stderr
@@ -297,23 +325,25 @@ def test_search_command_refuses_k_larger_than_the_index(tiny):
     ("3", "1 query image\\(s\\) in .*3 cannot be read: .*broken.png: "),
     ("7/missing.png", "query .*missing.png' does not exist"),
 ])
-def test_search_names_an_unreadable_query(tiny, query, message):
+def test_search_names_an_unreadable_query(indexed, query, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        search.search_images(search.Index.load(tiny["index"]), os.path.join(tiny["images"], query), 5)
+        search.search_images(search.Index.load(indexed["index"]), os.path.join(indexed["images"], query), 5)
 
 
-def test_search_of_an_empty_index_is_refused(tiny):
-    empty = tiny["base"] / "empty"
+def test_search_of_an_empty_index_is_refused(indexed, capsys):
+    empty = indexed["base"] / "empty"
     empty.mkdir()
-    meta = index.read_meta(tiny["index"])
+    meta = index.read_meta(indexed["index"])
     fileio.write_json(str(empty / index.META), {**meta, "chunks": [], "count": 0, "bad_files": {}})
-    done = run_tool("search", "--index", str(empty), "--query", os.path.join(tiny["images"], "7"), check=False)
-    assert done.returncode == 1 and "the index is empty" in done.stderr
+    assert search.main(["--index", str(empty), "--query", os.path.join(indexed["images"], "7")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and "python -m jaxembed.search: error: the index is empty" in captured.err
 
 
-def test_cluster_command_writes_assignments_and_contact_sheets(tiny):
-    out = str(tiny["base"] / "clusters")
-    summary = json.loads(run_tool("cluster", "--index", tiny["index"], "-k", "4", "--out", out).stdout)
+def test_cluster_command_writes_assignments_and_contact_sheets(indexed, capsys):
+    out = str(indexed["base"] / "clusters")
+    assert cluster.main(["--index", indexed["index"], "-k", "4", "--out", out]) == 0
+    summary = json.loads(capsys.readouterr().out)
     assert summary["k"] == 4 and sum(summary["sizes"]) == 120
     with open(os.path.join(out, "clusters.csv")) as f:
         assert len(f.read().splitlines()) == 121

@@ -104,3 +104,42 @@ def assert_same_state(ours: dict, reference: dict, rtol: float = 1e-5, context: 
     """Every leaf within `rtol` relative of the reference's (the issue's equivalence standard)."""
     worst = max(relative_differences(ours, reference).items(), key=lambda item: item[1])
     assert worst[1] <= rtol, f"{worst[0]}{context}: {worst[1]:.3g} relative apart (limit {rtol:g})"
+
+
+# ============================================================================================================
+# One shared trained run, and the command-line tools with this backbone registered.
+# (tests/conftest.py's session fixture `tiny_run`; used by test_evaluate_cli.py, test_report.py,
+# test_export.py and test_search.py, which read the run and never train their own.)
+
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    workdir: str  # the finished run
+    images: str  # its data: the folder `write_digits_folder` wrote (run.json names it, so the split can be recreated)
+    summary: dict  # what train_and_evaluate returned
+
+
+def train_digits_run(base: str, template: str = "inception_bn", **overrides) -> TrainedRun:
+    """Trains `config(template, **overrides)` (4 steps) on `write_digits_folder(base/digits)`: 180 images of 10
+    concepts, 18 of them held out for a classifier template, into `base/workdir`."""
+    from jaxembed.train import loop  # imported on use: every test module imports this file
+
+    images = write_digits_folder(os.path.join(base, "digits"))
+    workdir = os.path.join(base, "workdir")
+    summary = loop.train_and_evaluate(config(template, **overrides), workdir, data_spec=images)
+    assert summary["finished"] and summary["step"] == NUM_STEPS, summary
+    return TrainedRun(workdir=workdir, images=images, summary=summary)
+
+
+def tool_command(module: str, *args: str, setup: str = "") -> list[str]:
+    """The argv of `python -m jaxembed.<module> args` run with the arch "tiny" registered: a fresh process knows
+    only the built-in backbones, so it imports this file first, runs the Python statements `setup`, then runs
+    the module as `-m` would."""
+    code = (f"import sys; sys.path.insert(0, {TESTS_DIR!r}); import runpy, tiny\n{setup}\n"
+            f"runpy.run_module('jaxembed.{module}', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code, *args]
