@@ -177,7 +177,7 @@ class RunDir:
         values = {**record.get("options", {}), **record["config"]}
         template = templates.get(values.pop("template"))
         known = template.specs
-        return template.config(**{name: value for name, value in values.items() if name in known})
+        return template.config(**{name: value for name, value in template.recorded(values).items() if name in known})
 
     def concepts(self) -> tuple[str, ...]:
         """Concept names, index -> name (label_map.json; older runs kept them in run.json)."""

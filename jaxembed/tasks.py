@@ -94,15 +94,19 @@ class ArcFace(Task):
         return arcface
 
 
+@dataclasses.dataclass(frozen=True)
 class _Classifier(Task):
-    """A linear classifier on the pooled backbone features, whose embedding is those features."""
+    """A linear classifier on the pooled backbone features, whose embedding is those features (centred
+    on their running mean with `embedding_neck="center"`)."""
+
+    embedding_neck: str = "none"
 
     def initial_bias(self, num_outputs: int) -> float:
         return 0.0
 
     def build_model(self, backbone, num_outputs, *, dtype=jnp.float32):
         return heads.ClassifierModel(backbone=backbone, num_classes=num_outputs, dtype=dtype,
-                                     bias_init=self.initial_bias(num_outputs))
+                                     bias_init=self.initial_bias(num_outputs), embedding_neck=self.embedding_neck)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +163,9 @@ def for_config(config: templates.Config) -> Task:
     if config.template.head == "arcface":
         return ArcFace(scale=float(config.angular_scale), margin=float(config.angular_margin),
                        embeddings_size=int(config.embeddings_size))
-    return Sigmoid() if config.logreg else Softmax(label_smoothing=config.label_smoothing)
+    if config.logreg:
+        return Sigmoid(embedding_neck=config.embedding_neck)
+    return Softmax(embedding_neck=config.embedding_neck, label_smoothing=config.label_smoothing)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}

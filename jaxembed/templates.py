@@ -171,15 +171,14 @@ class Config(Mapping):
 
     def differences(self, saved: Mapping[str, Any]) -> list[str]:
         """`name: saved -> now` for each setting that makes a run what it is (`HParam.same_run`) and
-        differs from `saved` (a `to_dict()` of an earlier run); a setting missing from `saved` did not
-        exist then, so that run used its default."""
+        differs from `saved` (a `to_dict()` of an earlier run, completed by `Template.recorded`)."""
+        saved = self._template.recorded(saved)
         changed = []
         if saved.get("template", self._template.name) != self._template.name:
             changed.append(f"template: {saved['template']!r} -> {self._template.name!r}")
         for name, spec in self._template.specs.items():
-            before = saved.get(name, self._template.default_arch if name == "arch" else spec.default)
-            if spec.same_run and before != self._values[name]:
-                changed.append(f"{name}: {before!r} -> {self._values[name]!r}")
+            if spec.same_run and saved[name] != self._values[name]:
+                changed.append(f"{name}: {saved[name]!r} -> {self._values[name]!r}")
         return changed
 
     @property
@@ -220,6 +219,12 @@ class Template:
 
     def defaults(self) -> dict[str, Any]:
         return {name: spec.default for name, spec in self.specs.items()}
+
+    def recorded(self, saved: Mapping[str, Any]) -> dict[str, Any]:
+        """A run's recorded settings (run.json's config) with every setting it lacks filled in as that
+        run had it: a setting missing from an older run.json did not exist yet, so the run used its
+        default then (`UNRECORDED`), which is today's default unless that has changed since."""
+        return {**self.defaults(), **UNRECORDED, **saved}
 
     def config(self, **overrides: Any) -> Config:
         """Validates `overrides` (hyperparameters, `arch` and run options) on top of the defaults.
@@ -303,6 +308,8 @@ RUN_OPTIONS = _hparams(
     HParam("nesterov", bool, False, help="Nesterov momentum (SGD)"),
     HParam("label_smoothing", float, 0.0, 0.0, 0.99, None, "softmax (logreg=0) target smoothing"),
     HParam("clip_grad_norm", float, None, 0.0, None, None, "clip the global gradient norm to this (unset: off)"),
+    HParam("embedding_neck", str, "center", help="classifier templates' embedding: the pooled features centred "
+           "on their running mean (center) or as they are (none)", choices=("center", "none")),
     HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or a 3x3 "
            "stride-1 convolution without max-pool for 32-64 px images (pretrained weights need imagenet)",
            choices=("imagenet", "small")),
@@ -318,6 +325,10 @@ RUN_OPTIONS = _hparams(
     HParam("max_steps", int, None, 1, None, 1, "stop (with a checkpoint) at this step; resume later", same_run=False),
     HParam("progress", bool, True, help="show a progress bar", same_run=False),
 )
+
+# What a run.json written before a setting existed means by its absence, where that is not today's
+# default: those runs flipped their training images, and embedded the raw pooled features.
+UNRECORDED = {"flip": True, "embedding_neck": "none"}
 
 TEMPLATES: dict[str, Template] = {
     t.name: t

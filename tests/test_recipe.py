@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import math
 import os
 
+import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +259,47 @@ def test_new_options_are_recorded_and_checked_on_resume(tmp_path):
     with pytest.raises(ValueError, match="warmup_epochs"):
         loop.train_and_evaluate(config.replace(warmup_epochs=1.0), str(tmp_path), data=tiny.digits())
     assert os.path.exists(tmp_path / "run.json")
+
+
+# ----------------------------------------------------------------------------- classifier embedding
+
+
+class _FirstPixels(flax_nn.Module):
+    """A stand-in backbone: the first four normalised pixel values of each image as its features."""
+
+    @flax_nn.compact
+    def __call__(self, x, train: bool = False):
+        return x.reshape(x.shape[0], -1)[:, :4]
+
+
+def test_centred_embedding_subtracts_the_running_mean_of_training_batches():
+    from jaxembed.models import heads
+
+    model = heads.ClassifierModel(backbone=_FirstPixels(), num_classes=3, embedding_neck="center")
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (5, 2, 2, 3), dtype=np.uint8) for _ in range(3)]
+    variables = model.init(jax.random.key(0), batches[0])
+    assert not np.asarray(variables["batch_stats"]["feature_mean"]).any()
+    features = [np.asarray(heads.normalize_images(b, jnp.float32)).reshape(5, -1)[:, :4] for b in batches]
+    mean = np.zeros(4)
+    for batch, batch_features in zip(batches, features):
+        _, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
+        variables = {**variables, **updates}
+        mean = 0.9 * mean + 0.1 * batch_features.mean(axis=0)  # batch norm's running average, by hand
+    np.testing.assert_allclose(variables["batch_stats"]["feature_mean"], mean, rtol=1e-5)
+    embedding = np.asarray(model.apply(variables, batches[0])["embedding"])
+    expected = features[0] - mean
+    np.testing.assert_allclose(embedding, expected / np.linalg.norm(expected, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_runs_recorded_before_a_default_changed_keep_their_setting(tmp_path):
+    loop.train_and_evaluate(tiny.config("inception_bn", max_steps=1), str(tmp_path), data=tiny.digits())
+    path = tmp_path / "run.json"
+    record = json.loads(path.read_text())
+    for name in ("flip", "embedding_neck", "warmup_epochs"):  # as a run.json written before they existed
+        del record["config"][name]
+    path.write_text(json.dumps(record))
+    config = rundir.RunDir(str(tmp_path)).config()
+    assert (config.flip, config.embedding_neck, config.warmup_epochs) == (True, "none", 0.0)
+    assert tiny.config("inception_bn", max_steps=1).differences(record["config"]) == [
+        "flip: True -> False", "embedding_neck: 'none' -> 'center'"]

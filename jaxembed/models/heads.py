@@ -67,6 +67,7 @@ class ClassifierModel(nn.Module):
     num_classes: int
     dtype: Any = jnp.float32
     bias_init: float = 0.0  # the classifier's initial bias (a prior; see `tasks.Sigmoid`)
+    embedding_neck: str = "none"  # "center": subtract the features' running mean before normalising
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -75,7 +76,22 @@ class ClassifierModel(nn.Module):
         classifier = nn.Dense(self.num_classes, dtype=dtype, param_dtype=dtype,
                               bias_init=nn.initializers.constant(self.bias_init), name="classifier")
         logits = classifier(features)
-        return {"embedding": l2_normalize(as_float(features)), "logits": logits}
+        embedding = as_float(features)
+        if self.embedding_neck == "center":
+            embedding = embedding - self._running_mean(jax.lax.stop_gradient(embedding), train)
+        return {"embedding": l2_normalize(embedding), "logits": logits}
+
+    def _running_mean(self, features, train: bool):
+        """The pooled features' mean over training batches (momentum 0.9, as batch norm's), a batch stat.
+
+        Pooled post-ReLU features are all non-negative and share a large common component, so the
+        cosine of two raw feature vectors is high whatever they show; centring removes that component
+        (the classifier, which has a bias, is unaffected: it reads the raw features).
+        """
+        mean = self.variable("batch_stats", "feature_mean", jnp.zeros, features.shape[-1:], features.dtype)
+        if train and not self.is_initializing():
+            mean.value = 0.9 * mean.value + 0.1 * jnp.mean(features, axis=0)
+        return mean.value
 
 
 class ArcFaceModel(nn.Module):
