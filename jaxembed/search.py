@@ -73,7 +73,7 @@ class Index:
         Returns:
           `(scores float32 (Q, k), ids int64 (Q, k))`, scores decreasing, equal scores by increasing id.
         """
-        queries = self._check(queries, k)
+        queries = self.checked_queries(queries, k)
         if approximate and jax.default_backend() != "tpu":
             graph = self._cached("hnsw", lambda: ann.build(self.vectors, "hnsw"))
             scores, ids = ann.search(graph, queries, k)
@@ -90,7 +90,8 @@ class Index:
             self._cache[key] = make()
         return self._cache[key]
 
-    def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
+    def checked_queries(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """`queries` as float32 `(Q, D)`; ValueError for an empty index, a bad `k` or bad queries."""
         if len(self) == 0:
             raise ValueError("the index is empty: it holds no vectors to search (add images with python -m jaxembed.index)")
         if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(self)):
@@ -165,7 +166,7 @@ def search_images(index: Index, query: str, k: int, *, embedder=None, exclude_se
       Per query `{"query": path, "label": label or None, "results": [{"rank", "id", "path", "label",
       "score"}, ...]}` (k results, best first). A query stored in the index takes its stored label.
     """
-    index._check(np.zeros((0, index.dim), np.float32), k)  # an empty index or a bad k, before any work
+    index.checked_queries(np.zeros((0, index.dim), np.float32), k)  # an empty index or a bad k, before any work
     paths, labels = query_images(query)
     if embedder is None:
         import jaxembed
