@@ -3,15 +3,17 @@
     python tests/_multiprocess_worker.py --workdir DIR --result FILE.json \
         [--num_processes 2 --process_id I --coordinator 127.0.0.1:PORT] [--checkpoint_every N] [--sigterm_at_step S]
 
-Trains the tiny inception_bn configuration of tests/test_train.py on every 10th image of the embedded
-default data with `jaxembed.train.train_and_evaluate`, and writes what the test compares to `--result`:
-the summary, this process's rows of every training batch (`index`, positions in the training split)
-and the device counts; and next to it (`*_eval.npz`) the evaluation outputs it gathered. The local
-device count comes from XLA_FLAGS, which the parent sets; it must be in the environment before jax is
-imported, which is why this is a separate script and not a fixture.
+Trains the tiny inception_bn run of tests/tiny.py (the one-block smooth backbone, in float64) on every
+10th image of the embedded default data with `jaxembed.train.train_and_evaluate`, and writes what the
+test compares to `--result`: the summary, this process's rows of every training batch (`index`,
+positions in the training split) and the device counts; and next to it (`*_eval.npz`) the evaluation
+outputs it gathered. The local device count comes from XLA_FLAGS and float64 from JAX_ENABLE_X64=1,
+which the parent sets; they must be in the environment before jax is imported, which is why this is a
+separate script and not a fixture. The tests folder goes on `sys.path` so that `import tiny` registers
+the arch "tiny" here too.
 A checkpoint is kept after every step (unless `--checkpoint_every` says otherwise), so the test can
-check each step on its own. With `--sigterm_at_step S` this process sends itself SIGTERM while loading
-the batch of step S, as a preemption notice that reaches one host; the exit status is the trainer's
+check each step. With `--sigterm_at_step S` this process sends itself SIGTERM while loading the batch
+of step S, as a preemption notice that reaches one host; the exit status is the trainer's
 (`train.exit_status`: 143 after a SIGTERM).
 """
 
@@ -24,41 +26,38 @@ import os
 import signal
 import sys
 
-TINY = dict(image_size=32, batch_size=8, init_epochs=1, step_epochs=1, num_epochs=2, num_items_per_epoch=16,
-            per_item_lrate=0.002)
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_setup(checkpoint_every: int = 1):
-    """`(config, options, data)`: the tiny inception_bn run of tests/test_train.py."""
-    from jaxembed import data as data_lib
-    from jaxembed import templates, train
+    """`(config, data)`: the tiny inception_bn run of tests/tiny.py in float64, every checkpoint kept."""
+    if TESTS not in sys.path:
+        sys.path.insert(0, TESTS)
+    import tiny
 
-    config = templates.get("inception_bn").config(arch="inception_bn", **TINY)
-    options = train.TrainOptions(progress=False, log_every=1, checkpoint_every=checkpoint_every, keep_checkpoints=10,
-                                 eval_batch_size=64)
-    full = data_lib.load_source(None)
-    return config, options, full.subset(range(0, len(full), 10))
+    config = tiny.config("inception_bn", dtype="float64", checkpoint_every=checkpoint_every, keep_checkpoints=10)
+    return config, tiny.digits()
 
 
 def recording_batches(record: list):
-    """A stand-in for `train._batches_from` that appends each batch's `index` rows to `record`."""
-    from jaxembed import train
+    """A stand-in for `jaxembed.train.loop.training_batches` that appends each batch's `index` rows to `record`."""
+    from jaxembed.train import loop
 
-    original = train._batches_from
+    original = loop.training_batches
 
-    def batches_from(run, step):
+    def training_batches(run, step):
         for batch in original(run, step):
             record.append(batch["index"].tolist())
             yield batch
 
-    return batches_from
+    return training_batches
 
 
-def sigterm_at(step: int, batches_from):
-    """Wraps a `train._batches_from`: this process gets SIGTERM while the batch of `step` is loaded."""
+def sigterm_at(step: int, training_batches):
+    """Wraps a `training_batches`: this process gets SIGTERM while the batch of `step` is loaded."""
 
     def batches_then_sigterm(run, start):
-        for current, batch in enumerate(batches_from(run, start), start=start):
+        for current, batch in enumerate(training_batches(run, start), start=start):
             if current == step:
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
@@ -67,42 +66,19 @@ def sigterm_at(step: int, batches_from):
 
 
 def recording_evaluation(record: dict):
-    """A stand-in for `train.embed_split` that also keeps what it returns in `record` (by name)."""
-    from jaxembed import train
+    """A stand-in for `jaxembed.embed.embed_dataset` that keeps what its first call returns (the model's
+    outputs on the held-out images; the trainer then embeds their raw pixels, the baseline) in `record`."""
+    from jaxembed import embed
 
-    original = train.embed_split
+    original = embed.embed_dataset
 
-    def embed_split(*args, **kwargs):
+    def embed_dataset(*args, **kwargs):
         outputs = original(*args, **kwargs)
-        record.update(outputs)
+        if not record:
+            record.update(outputs)
         return outputs
 
-    return embed_split
-
-
-def warm_up_collectives() -> None:
-    """Opens the cross-process gloo connections now, while the processes are in step.
-
-    XLA's CPU collectives connect a group of devices the first time it communicates, and give the other
-    processes only 30 s to arrive. Each process compiles the train step on its own, and on a loaded
-    machine one may finish compiling more than 30 s after the other: the first step then fails with
-    "Gloo context initialization failed: DEADLINE_EXCEEDED". `jax.distributed.initialize` returns when
-    all processes have connected, so collectives run right after it are in step; once a group is
-    connected, later collectives wait for late processes without that limit. The trainer uses two
-    groups: all devices (the gradient and batch-norm all-reduces) and one device per process
-    (`multihost_utils.process_allgather`, used by orbax and by evaluation).
-    """
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    from jaxembed import parallel
-
-    mesh = parallel.make_mesh()
-    ones = parallel.global_batch({"x": np.ones(jax.local_device_count(), np.float32)}, mesh)["x"]
-    total = jax.jit(jax.numpy.sum, out_shardings=parallel.replicated(mesh))(ones)
-    assert int(total) == jax.device_count()
-    multihost_utils.sync_global_devices("jaxembed warm-up")
+    return embed_dataset
 
 
 # The exit status that tells the test to skip: this jaxlib cannot run CPU collectives across processes.
@@ -124,12 +100,15 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from jaxembed import parallel, train
+    from jaxembed import embed, parallel, train
+    from jaxembed.train import loop
 
+    assert jax.config.jax_enable_x64, "the parent sets JAX_ENABLE_X64=1: the run is in float64"
     if args.num_processes > 1:
         try:
             # Cross-process collectives on CPU need an implementation; gloo ships with jaxlib (the default
             # in jax 0.10, named here so the test keeps meaning what it says if the default changes).
+            # `initialize_distributed` also connects the gloo device groups while the processes are in step.
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
             jax.devices()  # creates the CPU client, which is where a jaxlib without gloo fails
@@ -138,14 +117,13 @@ def main(argv=None) -> int:
                 raise
             print(f"gloo CPU collectives unavailable: {error}", file=sys.stderr)
             return GLOO_UNAVAILABLE
-        warm_up_collectives()
-    config, options, data = tiny_setup(args.checkpoint_every)
+    config, data = tiny_setup(args.checkpoint_every)
     record, evaluation = [], {}
-    train._batches_from = recording_batches(record)
+    loop.training_batches = recording_batches(record)
     if args.sigterm_at_step is not None:
-        train._batches_from = sigterm_at(args.sigterm_at_step, train._batches_from)
-    train.embed_split = recording_evaluation(evaluation)
-    summary = train.train_and_evaluate(config, args.workdir, options=options, data=data)
+        loop.training_batches = sigterm_at(args.sigterm_at_step, loop.training_batches)
+    embed.embed_dataset = recording_evaluation(evaluation)
+    summary = train.train_and_evaluate(config, args.workdir, data=data)
     np.savez(args.result.removesuffix(".json") + "_eval.npz", **evaluation)
     result = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),
@@ -160,5 +138,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(TESTS))
     sys.exit(main())

@@ -66,7 +66,14 @@ def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image
     if padded:
         padding = ((0, 0), (0, model.num_classes - num_classes))
         params = {**params, "centers": jnp.pad(params["centers"], padding)}
+    # flax's BatchNorm creates its running statistics in float32 whatever the model's dtype, and a
+    # float64 step promotes them to float64. Start them as a step leaves them, so the state keeps its
+    # dtypes: else a float64 run compiles its step twice and restores checkpoints (shaped like the
+    # initial state) with the statistics rounded to float32.
+    stats_dtype = jnp.promote_types(jnp.float32, getattr(model, "dtype", jnp.float32))
+    batch_stats = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, stats_dtype)),
+                               variables.get("batch_stats", {}))
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=tx.init(params), rng=state_rng,
     )
