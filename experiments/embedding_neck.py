@@ -3,7 +3,7 @@
     python experiments/embedding_neck.py --workdir RUN [RUN ...] --images FOLDER [--unseen_against TRAIN_FOLDER]
                                          [--out experiments/results/embedding_neck.json]
 
-RUN is a classifier run trained with `--embedding_neck center` (the default), so its checkpoint holds
+RUN is a classifier run trained with `--embedding_neck center`, so its checkpoint holds
 the running mean of the pooled features; the same weights then embed FOLDER's images both ways:
 `none` (L2-normalised pooled features) and `center` (the running mean subtracted first). The neck
 does not change training (the classifier reads the raw features), so one run compares both.

@@ -308,8 +308,8 @@ RUN_OPTIONS = _hparams(
     HParam("nesterov", bool, False, help="Nesterov momentum (SGD)"),
     HParam("label_smoothing", float, 0.0, 0.0, 0.99, None, "softmax (logreg=0) target smoothing"),
     HParam("clip_grad_norm", float, None, 0.0, None, None, "clip the global gradient norm to this (unset: off)"),
-    HParam("embedding_neck", str, "center", help="classifier templates' embedding: the pooled features centred "
-           "on their running mean (center) or as they are (none)", choices=("center", "none")),
+    HParam("embedding_neck", str, "none", help="classifier templates' embedding: the pooled features as they "
+           "are (none) or centred on their running mean (center)", choices=("none", "center")),
     HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or a 3x3 "
            "stride-1 convolution without max-pool for 32-64 px images (pretrained weights need imagenet)",
            choices=("imagenet", "small")),
@@ -327,8 +327,8 @@ RUN_OPTIONS = _hparams(
 )
 
 # What a run.json written before a setting existed means by its absence, where that is not today's
-# default: those runs flipped their training images, and embedded the raw pooled features.
-UNRECORDED = {"flip": True, "embedding_neck": "none"}
+# default: those runs flipped their training images.
+UNRECORDED = {"flip": True}
 
 TEMPLATES: dict[str, Template] = {
     t.name: t
