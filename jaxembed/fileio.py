@@ -50,10 +50,14 @@ def exclusive_lock(directory: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "an unknown process"
+            lines = os.pread(fd, 512, 0).decode(errors="replace").splitlines()
+            holder = (lines[0].strip() if lines else "") or "an unknown process"
             raise DirectoryBusy(os.path.abspath(directory), holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        # The record is written before the file is cut to its length, never after emptying it: a second
+        # writer reading it meanwhile finds this holder on the first line (not an empty file).
+        record = f"host {socket.gethostname()} pid {os.getpid()}\n".encode()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

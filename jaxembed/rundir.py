@@ -215,15 +215,30 @@ class RunDir:
     def variables(self, step: int | None = None) -> tuple[dict, int]:
         """`({"params", "batch_stats"}, step)` of the newest checkpoint (or `step`) on one local device,
         whatever device layout wrote it; ArcFace centres without the columns that padded them for
-        model parallelism."""
+        model parallelism.
+
+        Safe while the run trains: the newest checkpoint can be deleted by the trainer (it keeps
+        `keep_checkpoints`) while it is being read; then the newest one is read again.
+        """
+        newest = step is None
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         with self.checkpoint_manager() as manager:
-            step = manager.latest_step() if step is None else step
-            if step is None:
-                raise FileNotFoundError(f"no checkpoint in {self.checkpoints}")
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                  manager.item_metadata(step))
-            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            for attempt in range(10):
+                step = manager.latest_step() if newest else step
+                if step is None:
+                    raise FileNotFoundError(f"no checkpoint in {self.checkpoints}")
+                try:
+                    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                          manager.item_metadata(step))
+                    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+                    break
+                except Exception:
+                    manager.reload()
+                    # A newer checkpoint appeared meanwhile: the trainer moved on and may have deleted
+                    # this one. Otherwise the checkpoint itself is unreadable: say so.
+                    if not newest or attempt == 9 or manager.latest_step() == step:
+                        raise
+                    log.info("checkpoint %d was replaced while being read; reading the newest", step)
         params = restored["params"]
         if "centers" in params:
             params = {**params, "centers": params["centers"][:, :len(self.concepts())]}

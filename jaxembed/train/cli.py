@@ -64,7 +64,11 @@ def demo_settings(template: templates.Template, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: importing orbax already configured the root logger (absl's first log message calls
+    # `logging.basicConfig()`, at WARNING), which would make this call a no-op and hide every INFO line.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for chatty in ("absl", "jax"):  # orbax logs each save's steps through absl; jax its backend probing
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--template", choices=templates.NAMES)
     known, _ = pre.parse_known_args(argv)
