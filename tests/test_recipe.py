@@ -302,3 +302,14 @@ def test_runs_recorded_before_a_default_changed_keep_their_setting(tmp_path):
     config = rundir.RunDir(str(tmp_path)).config()
     assert (config.flip, config.embedding_neck, config.warmup_epochs) == (True, "none", 0.0)
     assert tiny.config("inception_bn", max_steps=1).differences(record["config"]) == ["flip: True -> False"]
+
+
+def test_the_bare_commands_cpu_demo_settings_are_valid_and_never_flip(capsys):
+    from jaxembed.train import cli
+
+    for name in templates.NAMES:
+        template = templates.get(name)
+        args = cli.build_parser(template).parse_args(["--template", name])
+        config = template.config_from_args(args, **cli.demo_settings(template, args))
+        assert config.flip is False and config.image_size == 32 and config.warmup_epochs == 0.5, name
+    assert "demo settings" in capsys.readouterr().out
