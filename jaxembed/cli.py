@@ -16,10 +16,20 @@ from jaxembed.fileio import DirectoryBusy
 BAD_INPUT, BUSY = 1, 2
 
 
+def setup_logging(format: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """INFO logs on stderr for a command-line tool.
+
+    `force`: importing orbax has already configured the root logger (absl's first message calls
+    `logging.basicConfig()` at WARNING), which would make a plain call a no-op and hide every INFO line.
+    """
+    logging.basicConfig(level=logging.INFO, format=format, force=True)
+    for chatty in ("absl", "jax"):  # orbax logs each checkpoint read and save through absl; jax its backends
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def run_tool(prog: str, work: Callable[[], None]) -> int:
     """Runs `work()` and returns the exit status, printing `prog: error: ...` on a known failure."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint read at INFO
+    setup_logging()
     try:
         work()
     except DirectoryBusy as error:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
-from jaxembed import parallel, rundir, tasks, templates
+from jaxembed import cli, parallel, rundir, tasks, templates
 
 log = logging.getLogger("jaxembed.embed")
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--batch_size", type=int, default=64)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         embedder = load(args.workdir)
         images = data_lib.load_source(args.images)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxembed import data as data_lib
-from jaxembed import embed, evaluate, rundir
+from jaxembed import cli, embed, evaluate, rundir
 from jaxembed import metrics as metrics_lib
 
 log = logging.getLogger("jaxembed.report")
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_images", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging()
     try:
         paths = write_report(args.workdir, images_source=args.images, out_dir=args.out_dir,
                              max_images=args.max_images, seed=args.seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ from collections.abc import Mapping
 
 import jax
 
+from jaxembed import cli as tool_cli
 from jaxembed import fileio, parallel, templates
 from jaxembed.train.hooks import TrainingStopped
 from jaxembed.train.loop import train_and_evaluate
@@ -62,11 +62,7 @@ def demo_settings(template: templates.Template, args: argparse.Namespace) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # force: importing orbax already configured the root logger (absl's first log message calls
-    # `logging.basicConfig()`, at WARNING), which would make this call a no-op and hide every INFO line.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    for chatty in ("absl", "jax"):  # orbax logs each save's steps through absl; jax its backend probing
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    tool_cli.setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--template", choices=templates.NAMES)
     known, _ = pre.parse_known_args(argv)
