@@ -1,4 +1,11 @@
-"""The CPU forms of convolutions equal XLA's convolutions, in values and gradients."""
+"""The CPU forms of convolutions equal XLA's convolutions, in values and gradients.
+
+Gradients are compared layer by layer (every form, stride, grouping and layout the networks use) and
+block by block (a ResNeXt bottleneck, BN-Inception blocks); whole networks are compared on their values,
+with random parameters under which every layer counts. A whole network's backward pass with the native
+grouped convolutions takes minutes to compile and run on two CPU cores and adds little: the gradient of a
+network is the composition of its layers' gradients.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,22 @@ import pytest
 from jax import lax
 
 from jaxembed.models import conv_forms, inception_bn, resnet
+
+
+# Every comparison is compiled once (op by op, each per-group slice and each layer would compile on its
+# own), with XLA's backend optimisations and its newer fusion emitters off: the computations are tiny,
+# their optimised compilation is not (7 s instead of 0.7 s for a 32-group convolution and its gradients).
+_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _compile_quickly(fn, *args):
+    lowered = jax.jit(fn).lower(*args)
+    try:
+        return lowered.compile(compiler_options=_QUICK_COMPILE)
+    except Exception as error:  # an XLA without the fusion-emitter option
+        if "xla_cpu_use_fusion_emitters" not in str(error):
+            raise
+        return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _native(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
@@ -41,41 +64,99 @@ def test_split_grouped_conv_equals_native_values_and_gradients(groups, in_per_gr
         numbers = ("NHWC", "HWIO", "NHWC")
     args = ((stride, stride), ((1, 1), (2, 0)), groups, numbers, (dilation, dilation))
 
-    expected = _native(x, w, *args)
-    actual = _split(x, w, *args)
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-
     # A random cotangent checks every output position and channel of the gradients.
-    cotangent = rng.standard_normal(expected.shape).astype(np.float32)
-    grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w)
-             for f in (_native, _split)]
-    for native, split in zip(*grads):
+    cotangent = rng.standard_normal(jax.eval_shape(lambda x, w: _native(x, w, *args), x, w).shape).astype(np.float32)
+
+    def values_and_gradients(x, w, cotangent):
+        return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
+                for f in (_native, _split)]
+
+    compiled = _compile_quickly(values_and_gradients, x, w, cotangent)
+    (expected, native_grads), (actual, split_grads) = compiled(x, w, cotangent)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    for native, split in zip(native_grads, split_grads):
         np.testing.assert_allclose(split, native, rtol=1e-4, atol=1e-4)
+
+
+def _random_variables(abstract, seed=0):
+    """float64 variables shaped like `abstract`, under which every layer counts: He-scaled kernels and
+    random batch-norm scales (not the zero scale `zero_init_residual` gives the last BN of each ResNeXt
+    block, which would hide its branch from the forward pass), biases and running statistics."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape)
+        assert name in ("bias", "mean"), jax.tree_util.keystr(path)
+        return rng.normal(0.0, 0.1, leaf.shape)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 @pytest.mark.parametrize("constructor", [resnet.ResNeXt50_32x4d, inception_bn.InceptionBN], ids=["resnext50", "inception_bn"])
 def test_networks_are_the_same_function_with_either_implementation(constructor):
-    """Whole-network values and gradients in train mode.
+    """Whole-network values in train mode; the gradients are compared block by block (below).
 
     Computed in float64: batch norm over a batch of 2 at 1x1 spatial size amplifies float32
-    rounding by orders of magnitude, which would hide what is compared here.
+    rounding by orders of magnitude, which would hide what is compared here. 48 px, not 32: at 32 px
+    ResNeXt's stage 4 is 1x1, where train-mode batch norm of 2 samples leaves little but a sign.
     """
     with jax.enable_x64(True):
         x = np.random.default_rng(0).standard_normal((2, 48, 48, 3))
         native = constructor(num_classes=5, conv_impl="native", dtype=jnp.float64)
         split = constructor(num_classes=5, conv_impl="cpu", dtype=jnp.float64)
-        variables = native.init(jax.random.key(0), x)
+        abstract = jax.eval_shape(native.init, jax.random.key(0), x)
         # Same parameter tree: checkpoints and imported weights do not depend on the choice.
-        assert jax.tree.structure(split.init(jax.random.key(0), x)) == jax.tree.structure(variables)
-        params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64), variables["params"])
+        assert jax.tree.structure(jax.eval_shape(split.init, jax.random.key(0), x)) == jax.tree.structure(abstract)
+        variables = _random_variables(abstract)
+        train_outputs = [
+            lambda variables, x, m=module: m.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+            for module in (native, split)
+        ]
+        native_out, split_out = (_compile_quickly(fn, variables, x)(variables, x) for fn in train_outputs)
+    assert native_out.shape == (2, 5)
+    np.testing.assert_allclose(split_out, native_out, rtol=1e-9, atol=1e-12)
 
-        def loss(params, module):
-            outputs, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])
+
+# Blocks of the two networks, as built there, whose convolutions take every form and configuration the
+# networks use but the 7x7 stem (which both implementations hand to XLA unchanged): 1x1 (stride 1 and 2,
+# with and without bias) and 3x3 (stride 1 and 2; 32 groups of 4 and of 8 channels, and ungrouped).
+# Input (side, channels): the block's channels; a small odd side, so that stride 2 meets an edge.
+_INCEPTION_SPECS = dict(inception_bn.INCEPTION_BLOCKS)
+BLOCKS = {
+    "resnext50_stage1_block1": (resnet.Bottleneck, dict(planes=64, groups=32, base_width=4), (5, 256)),
+    "resnext50_stage2_block0": (resnet.Bottleneck, dict(planes=128, stride=2, groups=32, base_width=4), (5, 256)),
+    "inception_3a": (inception_bn.InceptionBlock, dict(spec=_INCEPTION_SPECS["inception_3a"]), (5, 192)),
+    "inception_3c": (inception_bn.InceptionBlock, dict(spec=_INCEPTION_SPECS["inception_3c"]), (5, 320)),
+}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_blocks_have_the_same_values_and_gradients_with_either_implementation(block):
+    """Train mode, float64; gradients with respect to every parameter and the input."""
+    constructor, attributes, (side, channels) = BLOCKS[block]
+    with jax.enable_x64(True):
+        x = np.random.default_rng(1).standard_normal((2, side, side, channels))
+        native, split = (constructor(**attributes, conv_impl=impl, dtype=jnp.float64) for impl in ("native", "cpu"))
+        abstract = jax.eval_shape(lambda key, x: native.init(key, x, True), jax.random.key(0), x)
+        variables = _random_variables(abstract, seed=2)
+
+        def loss(params, x, module):
+            outputs, _ = module.apply({**variables, "params": params}, x, True, mutable=["batch_stats"])
             return jnp.sum(jnp.sin(outputs)), outputs
 
-        native_out, native_grads = jax.value_and_grad(loss, has_aux=True)(params, native)
-        split_out, split_grads = jax.value_and_grad(loss, has_aux=True)(params, split)
-    np.testing.assert_allclose(split_out[1], native_out[1], rtol=1e-9, atol=1e-12)
+        (native_out, native_grads), (split_out, split_grads) = (
+            _compile_quickly(
+                lambda params, x, m=module: jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, m)[::-1],
+                variables["params"],
+                x,
+            )(variables["params"], x)
+            for module in (native, split)
+        )
+    np.testing.assert_allclose(split_out, native_out, rtol=1e-9, atol=1e-12)
     assert jax.tree.structure(split_grads) == jax.tree.structure(native_grads)
     for native_leaf, split_leaf in zip(jax.tree.leaves(native_grads), jax.tree.leaves(split_grads)):
         np.testing.assert_allclose(split_leaf, native_leaf, rtol=1e-7, atol=1e-10)
@@ -106,14 +187,19 @@ def test_pointwise_as_matmul_equals_the_convolution(stride, layout):
     x = x.transpose([("NHWC").index(axis) for axis in lhs_layout])
     w = w.transpose([("HWIO").index(axis) for axis in rhs_layout])
     args = ((stride, stride), ((0, 0), (0, 0)), None, None, layout)
-    expected = lax.conv_general_dilated(x, w, *args)
-    actual = conv_forms.pointwise_conv_as_matmul(x, w, *args)
-    assert actual.shape == expected.shape
+    expected_shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, *args), x, w).shape
+    cotangent = rng.standard_normal(expected_shape).astype(np.float32)
+
+    def values_and_gradients(x, w, cotangent):
+        return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
+                for f in (lax.conv_general_dilated, conv_forms.pointwise_conv_as_matmul)]
+
+    (expected, native_grads), (actual, matmul_grads) = _compile_quickly(values_and_gradients, x, w, cotangent)(
+        x, w, cotangent
+    )
+    assert actual.shape == expected.shape == expected_shape
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
-    cotangent = rng.standard_normal(expected.shape).astype(np.float32)
-    grads = [jax.grad(lambda x, w, f=f: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w)
-             for f in (lax.conv_general_dilated, conv_forms.pointwise_conv_as_matmul)]
-    for native, matmul in zip(*grads):
+    for native, matmul in zip(native_grads, matmul_grads):
         np.testing.assert_allclose(matmul, native, rtol=1e-5, atol=1e-5)
 
 

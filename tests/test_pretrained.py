@@ -10,15 +10,17 @@ torch's conv2d, error messages, .safetensors files, and merge_backbone. The
 converter (`python -m jaxembed.convert_weights`) writes .safetensors files that
 load without torch.
 
-torchvision runs in a fresh interpreter (this file run as a script): it imports
-triton, which segfaults in a process that already loaded TensorFlow, as the
-test session has (jaxembed.data). torch alone is fine there.
+torchvision runs in a fresh interpreter (this file run as a script), started in the
+background when this file's first test runs: it imports triton, which segfaults in a
+process that already loaded TensorFlow, as the test session has (jaxembed.data).
+torch alone is fine there.
 
 Images are 64 px, batch 2; classifiers have 10 classes.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import pathlib
@@ -53,14 +55,30 @@ IMAGE_SIZE = 64
 # Compared on logits; the others (resnet101/152, resnext101_64x4d) on names and shapes only, to keep
 # this file quick on CPU. resnext101_32x8d is the resnext template's default backbone.
 LOGITS_ARCHS = ("resnet50", "resnext50_32x4d", "resnext101_32x8d")
+# The Flax side runs the CPU forms of the convolutions (conv_impl="auto" on CPU), but resnext101_32x8d runs
+# XLA's: its CPU form has 33 x 32 per-group convolutions, which take ten times as long to compile. The
+# weights are the same either way, resnext50_32x4d checks the CPU forms against torchvision, and
+# test_conv_forms.py checks that both implementations compute the same function.
+LOGITS_CONV_IMPL = {"resnext101_32x8d": "native"}
 # The torch BN-Inception port (imports torch, not torchvision).
 TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "torch_reference.py"
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_state_dict_shapes(arch: str, num_classes: int | None) -> dict[str, tuple[int, ...]]:
+    return pretrained.state_dict_shapes(arch, num_classes=num_classes)
+
+
+def _state_dict_shapes(arch: str, num_classes: int | None = None) -> dict[str, tuple[int, ...]]:
+    """`pretrained.state_dict_shapes`, computed once per (arch, num_classes) for all tests (each call
+    traces the model's init). Read-only."""
+    return _cached_state_dict_shapes(arch, num_classes)
 
 
 def _random_state_dict(arch: str, num_classes: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """A torch-layout state dict of random float32 values with the names and shapes `arch` expects."""
     rng = np.random.default_rng(seed)
-    shapes = pretrained.state_dict_shapes(arch, num_classes=num_classes)
+    shapes = _state_dict_shapes(arch, num_classes=num_classes)
     return {key: rng.standard_normal(shape, dtype=np.float32) for key, shape in shapes.items()}
 
 
@@ -77,7 +95,7 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def test_bn_inception_names_and_shapes_follow_the_port():
-    shapes = pretrained.state_dict_shapes("inception_bn", num_classes=1000)
+    shapes = _state_dict_shapes("inception_bn", num_classes=1000)
     # 69 conv+BN units (conv weight and bias, BN weight, bias, running_mean, running_var) + last_linear.
     assert len(shapes) == 69 * 6 + 2
     assert shapes["conv1_7x7_s2.weight"] == (64, 3, 7, 7)
@@ -91,11 +109,11 @@ def test_bn_inception_names_and_shapes_follow_the_port():
     assert shapes["inception_5b_pool_proj_bn.bias"] == (128,)
     assert shapes["last_linear.weight"] == (1000, 1024)
     assert "inception_3c_1x1.weight" not in shapes  # the reduction blocks have no 1x1 branch
-    assert not any(key.startswith("last_linear") for key in pretrained.state_dict_shapes("inception_bn"))
+    assert not any(key.startswith("last_linear") for key in _state_dict_shapes("inception_bn"))
 
 
 def test_resnet_names_and_shapes_follow_torchvision():
-    shapes = pretrained.state_dict_shapes("resnext101_32x8d", num_classes=1000)
+    shapes = _state_dict_shapes("resnext101_32x8d", num_classes=1000)
     assert shapes["conv1.weight"] == (64, 3, 7, 7)
     assert shapes["bn1.running_var"] == (64,)
     assert shapes["layer1.0.downsample.0.weight"] == (256, 64, 1, 1)
@@ -140,7 +158,7 @@ def _torch_conv2d_numpy(x: np.ndarray, weight: np.ndarray, groups: int, padding:
 
 def test_grouped_conv_kernel_computes_torch_grouped_conv():
     # resnext50_32x4d layer1.0.conv2: 128 -> 128 channels in 32 groups of 4, 3x3, padding 1.
-    shapes = pretrained.state_dict_shapes("resnext50_32x4d")
+    shapes = _state_dict_shapes("resnext50_32x4d")
     state = {key: np.zeros(shape, np.float32) for key, shape in shapes.items()}
     rng = np.random.default_rng(1)
     torch_weight = rng.standard_normal(shapes["layer1.0.conv2.weight"], dtype=np.float32)
@@ -287,11 +305,55 @@ def _random_images(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
 
 
-def _flax_outputs(arch: str, path, images_nchw: np.ndarray, num_classes: int | None) -> np.ndarray:
+# XLA's backend optimisations and its newer CPU fusion emitters off: at 64 px, batch 2, an optimised
+# compilation of these networks costs far more than running them (resnext50_32x4d: about 20 s against 3 s).
+_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def _compile_quickly(fn, *args):
+    lowered = jax.jit(fn).lower(*args)
+    try:
+        return lowered.compile(compiler_options=_QUICK_COMPILE)
+    except Exception as error:  # an XLA without the fusion-emitter option
+        if "xla_cpu_use_fusion_emitters" not in str(error):
+            raise
+        return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+
+
+def _flax_outputs(
+    arch: str, path, images_nchw: np.ndarray, num_classes: int | None, conv_impl: str = "auto"
+) -> np.ndarray:
     """Outputs of the Flax model loaded from `path` (eval mode) on NCHW images."""
     variables = models.load_pretrained(arch, path, num_classes=num_classes)
-    module = models.create(arch, num_classes=num_classes)
-    return np.asarray(jax.jit(module.apply)(variables, images_nchw.transpose(0, 2, 3, 1)))
+    module = models.create(arch, num_classes=num_classes, conv_impl=conv_impl)
+    images = images_nchw.transpose(0, 2, 3, 1)
+    return np.asarray(_compile_quickly(module.apply, variables, images)(variables, images))
+
+
+def _bn_inception_port(num_classes: int):
+    """The torch BN-Inception port (experiments/torch_reference.py, shared with the benchmark)."""
+    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
+    torch_reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(torch_reference)
+    return torch_reference.BNInceptionPort(num_classes)
+
+
+@requires_torch
+def test_logits_match_the_bn_inception_port(tmp_path):
+    torch.manual_seed(0)
+    model = _bn_inception_port(NUM_CLASSES)
+    _randomise_batch_norms(model, seed=2)
+    assert set(_state_dict_shapes("inception_bn", num_classes=NUM_CLASSES)) == {
+        key for key in model.state_dict() if not key.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "bn_inception.pth"
+    torch.save(model.state_dict(), path)
+    images = _random_images()
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(images)).numpy()
+    logits = _flax_outputs("inception_bn", path, images, NUM_CLASSES)
+    assert logits.shape == expected.shape
+    assert _relative_error(logits, expected) <= 1e-4
 
 
 def write_torchvision_references(out_dir: pathlib.Path) -> None:
@@ -324,15 +386,40 @@ def write_torchvision_references(out_dir: pathlib.Path) -> None:
         np.savez(out_dir / f"{arch}.npz", **outputs)
 
 
-@pytest.fixture(scope="module")
-def torchvision_references(tmp_path_factory) -> pathlib.Path:
-    """The folder `write_torchvision_references` filled, run as `python tests/test_pretrained.py DIR`."""
-    out_dir = tmp_path_factory.mktemp("torchvision")
-    result = subprocess.run(
-        [sys.executable, __file__, str(out_dir)], capture_output=True, text=True, timeout=600, check=False
+@pytest.fixture(scope="module", autouse=True)
+def _torchvision_reference_run(request, tmp_path_factory):
+    """Starts `python tests/test_pretrained.py DIR` in the background when this module's first test runs,
+    if a selected test needs its references: it then runs beside the tests that do not (half a minute of
+    importing torchvision and building models, on a core the test process leaves mostly idle)."""
+    needed = HAVE_TORCHVISION and any(
+        getattr(item, "module", None) is request.module
+        and "torchvision_references" in getattr(item, "fixturenames", ())
+        for item in request.session.items
     )
-    if result.returncode != 0:
-        pytest.fail(f"the torchvision reference run failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    if not needed:
+        yield None
+        return
+    out_dir = tmp_path_factory.mktemp("torchvision")
+    log = out_dir.with_name(out_dir.name + ".log")  # stderr in a file: a full pipe would stall the run
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, __file__, str(out_dir)], stdout=stderr, stderr=stderr)
+    yield out_dir, log, process
+    if process.poll() is None:  # no test waited for it (all of them deselected or skipped)
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def torchvision_references(_torchvision_reference_run) -> pathlib.Path:
+    """The folder `write_torchvision_references` filled (waits for the run started above)."""
+    out_dir, log, process = _torchvision_reference_run
+    try:
+        process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    if process.returncode != 0:
+        pytest.fail(f"the torchvision reference run failed ({process.returncode}):\n{log.read_text()[-4000:]}")
     return out_dir
 
 
@@ -340,7 +427,7 @@ def torchvision_references(tmp_path_factory) -> pathlib.Path:
 @pytest.mark.parametrize("arch", RESNET_ARCHS)
 def test_names_and_shapes_match_torchvision(arch, torchvision_references):
     torch_shapes = json.loads((torchvision_references / "shapes.json").read_text())[arch]
-    assert {key: tuple(shape) for key, shape in torch_shapes.items()} == pretrained.state_dict_shapes(
+    assert {key: tuple(shape) for key, shape in torch_shapes.items()} == _state_dict_shapes(
         arch, num_classes=1000
     )
 
@@ -350,38 +437,12 @@ def test_names_and_shapes_match_torchvision(arch, torchvision_references):
 def test_logits_match_torchvision(arch, torchvision_references):
     path = torchvision_references / f"{arch}.pth"
     expected = np.load(torchvision_references / f"{arch}.npz")
-    logits = _flax_outputs(arch, path, _random_images(), NUM_CLASSES)
+    logits = _flax_outputs(arch, path, _random_images(), NUM_CLASSES, LOGITS_CONV_IMPL.get(arch, "auto"))
     assert logits.shape == expected["logits"].shape
     assert _relative_error(logits, expected["logits"]) <= 1e-4
     if arch == "resnet50":  # the backbone alone gives torchvision's pooled features
         features = _flax_outputs(arch, path, _random_images(), None)
         assert _relative_error(features, expected["features"]) <= 1e-4
-
-
-def _bn_inception_port(num_classes: int):
-    """The torch BN-Inception port (experiments/torch_reference.py, shared with the benchmark)."""
-    spec = importlib.util.spec_from_file_location("torch_reference", TORCH_REFERENCE)
-    torch_reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(torch_reference)
-    return torch_reference.BNInceptionPort(num_classes)
-
-
-@requires_torch
-def test_logits_match_the_bn_inception_port(tmp_path):
-    torch.manual_seed(0)
-    model = _bn_inception_port(NUM_CLASSES)
-    _randomise_batch_norms(model, seed=2)
-    assert set(pretrained.state_dict_shapes("inception_bn", num_classes=NUM_CLASSES)) == {
-        key for key in model.state_dict() if not key.endswith("num_batches_tracked")
-    }
-    path = tmp_path / "bn_inception.pth"
-    torch.save(model.state_dict(), path)
-    images = _random_images()
-    with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(images)).numpy()
-    logits = _flax_outputs("inception_bn", path, images, NUM_CLASSES)
-    assert logits.shape == expected.shape
-    assert _relative_error(logits, expected) <= 1e-4
 
 
 @requires_torchvision
