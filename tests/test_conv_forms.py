@@ -15,25 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax import lax
 
 from jaxembed.models import conv_forms, inception_bn, resnet
 
 
 # Every comparison is compiled once (op by op, each per-group slice and each layer would compile on its
-# own), with XLA's backend optimisations and its newer fusion emitters off: the computations are tiny,
-# their optimised compilation is not (7 s instead of 0.7 s for a 32-group convolution and its gradients).
-_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def _compile_quickly(fn, *args):
-    lowered = jax.jit(fn).lower(*args)
-    try:
-        return lowered.compile(compiler_options=_QUICK_COMPILE)
-    except Exception as error:  # an XLA without the fusion-emitter option
-        if "xla_cpu_use_fusion_emitters" not in str(error):
-            raise
-        return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+# own), quickly (`tiny.compile_quickly`).
 
 
 def _native(x, w, strides, padding, groups, dimension_numbers, rhs_dilation=None):
@@ -71,7 +60,7 @@ def test_split_grouped_conv_equals_native_values_and_gradients(groups, in_per_gr
         return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
                 for f in (_native, _split)]
 
-    compiled = _compile_quickly(values_and_gradients, x, w, cotangent)
+    compiled = tiny.compile_quickly(values_and_gradients, x, w, cotangent)
     (expected, native_grads), (actual, split_grads) = compiled(x, w, cotangent)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     for native, split in zip(native_grads, split_grads):
@@ -116,7 +105,7 @@ def test_networks_are_the_same_function_with_either_implementation(constructor):
             lambda variables, x, m=module: m.apply(variables, x, train=True, mutable=["batch_stats"])[0]
             for module in (native, split)
         ]
-        native_out, split_out = (_compile_quickly(fn, variables, x)(variables, x) for fn in train_outputs)
+        native_out, split_out = (tiny.compile_quickly(fn, variables, x)(variables, x) for fn in train_outputs)
     assert native_out.shape == (2, 5)
     np.testing.assert_allclose(split_out, native_out, rtol=1e-9, atol=1e-12)
 
@@ -149,7 +138,7 @@ def test_blocks_have_the_same_values_and_gradients_with_either_implementation(bl
             return jnp.sum(jnp.sin(outputs)), outputs
 
         (native_out, native_grads), (split_out, split_grads) = (
-            _compile_quickly(
+            tiny.compile_quickly(
                 lambda params, x, m=module: jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x, m)[::-1],
                 variables["params"],
                 x,
@@ -194,7 +183,7 @@ def test_pointwise_as_matmul_equals_the_convolution(stride, layout):
         return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
                 for f in (lax.conv_general_dilated, conv_forms.pointwise_conv_as_matmul)]
 
-    (expected, native_grads), (actual, matmul_grads) = _compile_quickly(values_and_gradients, x, w, cotangent)(
+    (expected, native_grads), (actual, matmul_grads) = tiny.compile_quickly(values_and_gradients, x, w, cotangent)(
         x, w, cotangent
     )
     assert actual.shape == expected.shape == expected_shape

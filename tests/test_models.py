@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny
 from jax import export
 
 from jaxembed import models
@@ -315,29 +316,6 @@ def _assert_unit_norm(embedding):
     np.testing.assert_allclose(np.linalg.norm(np.asarray(embedding), axis=-1), 1.0, rtol=1e-5)
 
 
-# XLA's backend optimisations off, and its newer CPU fusion emitters, which take about twice as long to
-# compile a deep network (ArcFace-ResNet-50 in bfloat16, eval and train: 3 s instead of 7 s).
-_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-# Optimisations off only: the remat test needs the plain and rematerialised programs compiled to the same
-# roundings, which XLA's default emitters give and the older ones, above, do not (they differ by 2e-7).
-_UNOPTIMISED_COMPILE = {"xla_backend_optimization_level": 0}
-
-
-def _compile_quickly(fn, *args, options=_QUICK_COMPILE):
-    """jit-compile fn for args with XLA's backend optimisations off.
-
-    These tests only check values; on CPU, optimising the code of a deep
-    network costs more time than running it unoptimised at 32-64 px.
-    """
-    lowered = jax.jit(fn).lower(*args)
-    try:
-        return lowered.compile(compiler_options=options)
-    except Exception as error:  # an XLA without the fusion-emitter option
-        if "xla_cpu_use_fusion_emitters" not in str(error):
-            raise
-        return lowered.compile(compiler_options=_UNOPTIMISED_COMPILE)
-
-
 @pytest.mark.parametrize("template", sorted(SMALL_TEMPLATES))
 def test_small_forward_and_train_mode(template):
     variables = _synthetic_variables(_abstract_variables(SMALL_TEMPLATES[template](jnp.float32), 32, jnp.uint8))
@@ -352,7 +330,7 @@ def test_small_forward_and_train_mode(template):
             )
             return model.apply(variables, images), train_outputs, updates
 
-        outputs, train_outputs, updates = _compile_quickly(eval_and_train, variables, images)(variables, images)
+        outputs, train_outputs, updates = tiny.compile_quickly(eval_and_train, variables, images)(variables, images)
         for out in (outputs, train_outputs):
             assert set(out) == ({"embedding", "logits"} if "classifier" in template else {"embedding", "features"})
             for value in out.values():
@@ -400,8 +378,8 @@ def test_remat_gives_identical_outputs_and_gradients():
     # Both compiled the same way: op-by-op execution of one against a compiled
     # checkpoint of the other could differ in rounding.
     (grads_plain, aux_plain), (grads_remat, aux_remat) = (
-        _compile_quickly(
-            jax.grad(functools.partial(step, module), has_aux=True), variables["params"], options=_UNOPTIMISED_COMPILE
+        tiny.compile_quickly(
+            jax.grad(functools.partial(step, module), has_aux=True), variables["params"], options=tiny.UNOPTIMISED_COMPILE
         )(variables["params"])
         for module in (plain, rematted)
     )
@@ -495,9 +473,9 @@ def test_resnext_block_matches_per_group_reference(stride):
         return jax.nn.relu(y + shortcut)
 
     # Each compiled once (op by op, every per-group slice and convolution would compile on its own).
-    expected = _compile_quickly(reference, x)(x)
+    expected = tiny.compile_quickly(reference, x)(x)
     with jax.default_matmul_precision("highest"):
-        actual = _compile_quickly(lambda variables, x: block.apply(variables, x, False), variables, x)(variables, x)
+        actual = tiny.compile_quickly(lambda variables, x: block.apply(variables, x, False), variables, x)(variables, x)
     side = 4 if stride == 2 else 7
     assert actual.shape == (2, side, side, 64)
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)

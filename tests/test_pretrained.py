@@ -305,29 +305,18 @@ def _random_images(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
 
 
-# XLA's backend optimisations and its newer CPU fusion emitters off: at 64 px, batch 2, an optimised
-# compilation of these networks costs far more than running them (resnext50_32x4d: about 20 s against 3 s).
-_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def _compile_quickly(fn, *args):
-    lowered = jax.jit(fn).lower(*args)
-    try:
-        return lowered.compile(compiler_options=_QUICK_COMPILE)
-    except Exception as error:  # an XLA without the fusion-emitter option
-        if "xla_cpu_use_fusion_emitters" not in str(error):
-            raise
-        return lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
-
-
 def _flax_outputs(
     arch: str, path, images_nchw: np.ndarray, num_classes: int | None, conv_impl: str = "auto"
 ) -> np.ndarray:
     """Outputs of the Flax model loaded from `path` (eval mode) on NCHW images."""
+    # Imported here: this file is also the torchvision reference script (`__main__`), and tiny loads
+    # TensorFlow, which crashes beside torch in one process.
+    import tiny
+
     variables = models.load_pretrained(arch, path, num_classes=num_classes)
     module = models.create(arch, num_classes=num_classes, conv_impl=conv_impl)
     images = images_nchw.transpose(0, 2, 3, 1)
-    return np.asarray(_compile_quickly(module.apply, variables, images)(variables, images))
+    return np.asarray(tiny.compile_quickly(module.apply, variables, images)(variables, images))
 
 
 def _bn_inception_port(num_classes: int):
