@@ -71,13 +71,25 @@ class RunDir:
     def writer(self) -> Iterator[RunDir]:
         """Holds the directory's write lock (process 0) for the `with` block.
 
+        With several processes, process 0 tells the others whether it got the lock, so a refused run
+        stops on every host at once instead of leaving them waiting for process 0 at the next sync.
+
         Raises:
-          fileio.DirectoryBusy: another live process trains here.
+          fileio.DirectoryBusy: another live process trains here (on every process of this run).
         """
-        if jax.process_index() != 0:
-            yield self
-            return
-        with fileio.exclusive_lock(self.path):
+        with contextlib.ExitStack() as lock:
+            refusal = None
+            if jax.process_index() == 0:
+                try:
+                    lock.enter_context(fileio.exclusive_lock(self.path))
+                except fileio.DirectoryBusy as error:
+                    refusal = error
+            if jax.process_count() > 1:
+                refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+                if refusal is None and int(refused):
+                    refusal = fileio.DirectoryBusy(self.path, "another writer, which refused process 0 of this run")
+            if refusal is not None:
+                raise refusal
             yield self
 
     def start(self, config: templates.Config, *, data_source: str, concepts: Sequence[str],

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from jaxembed import embed, parallel, train
+    from jaxembed import embed, fileio, parallel, train
     from jaxembed.train import loop
 
     assert jax.config.jax_enable_x64, "the parent sets JAX_ENABLE_X64=1: the run is in float64"
@@ -123,7 +123,11 @@ def main(argv=None) -> int:
     if args.sigterm_at_step is not None:
         loop.training_batches = sigterm_at(args.sigterm_at_step, loop.training_batches)
     embed.embed_dataset = recording_evaluation(evaluation)
-    summary = train.train_and_evaluate(config, args.workdir, data=data)
+    try:
+        summary = train.train_and_evaluate(config, args.workdir, data=data)
+    except fileio.DirectoryBusy as error:  # as the command line reports it
+        print(f"refused: {error}", flush=True)
+        return 2
     np.savez(args.result.removesuffix(".json") + "_eval.npz", **evaluation)
     result = {
         "process_index": jax.process_index(), "process_count": jax.process_count(),

@@ -317,3 +317,18 @@ def test_workdir_files_are_written_once(two_processes):
     assert len(events) == 2  # one per run of process 0: the interrupted and the resumed
     assert [name for name in files if name not in events] == [
         ".lock", "checkpoints", "label_map.json", "metrics.jsonl", "run.json", "split.json", "summary.json"]
+
+
+def test_a_busy_workdir_refuses_every_process_at_once(tmp_path):
+    """Process 0 holds the lock for the run; when another writer has it, every process must stop with
+    exit status 2, not only process 0 while process 1 waits for it at the run's first sync."""
+    from jaxembed import fileio
+
+    workdir = tmp_path / "busy"
+    with fileio.exclusive_lock(str(workdir)):  # this test process is the other writer
+        workers = _start_workers(tmp_path, workdir=workdir, name="busy_")
+        _wait(workers, time.monotonic() + TIMEOUT_S, expected_code=2)
+    for process_id in range(NUM_PROCESSES):
+        log = _tail(str(tmp_path / f"busy_process{process_id}.log"))
+        assert f"refused: {workdir}" in log and "in use by another writer" in log, log
+    assert sorted(os.listdir(workdir)) == [".lock"]  # nothing written
