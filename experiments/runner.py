@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxembed import fileio
+from jaxembed import fileio, metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,8 +131,6 @@ def concept_names(images, index: np.ndarray | None = None) -> np.ndarray:
 
 def retrieval(embeddings: np.ndarray, labels, **options) -> dict[str, float]:
     """Leave-one-out Recall@1/@5, MAP@R and N-way one-shot accuracy (`jaxembed.metrics.retrieval_metrics`)."""
-    from jaxembed import metrics
-
     return metrics.retrieval_metrics(embeddings, labels, **options)
 
 
@@ -168,13 +166,10 @@ def raw_pixel_baseline(pixels: np.ndarray, labels, *, reference: tuple[np.ndarra
       `retrieval` metrics of the pixels among themselves (leave-one-out), and with `reference`
       `accuracy`: the fraction of images whose nearest reference image has their concept.
     """
-    flat = np.asarray(pixels, np.float32).reshape(len(pixels), -1)
     if reference is None:
-        vectors = unit_rows(flat - flat.mean(axis=0))
-        return retrieval(vectors, labels, **options)
-    reference_flat = np.asarray(reference[0], np.float32).reshape(len(reference[0]), -1)
-    mean = reference_flat.mean(axis=0)
-    vectors, reference_vectors = unit_rows(flat - mean), unit_rows(reference_flat - mean)
+        return retrieval(metrics.pixel_vectors(pixels), labels, **options)
+    mean = np.asarray(reference[0], np.float32).reshape(len(reference[0]), -1).mean(axis=0)
+    vectors, reference_vectors = metrics.pixel_vectors(pixels, mean), metrics.pixel_vectors(reference[0], mean)
     nearest = np.concatenate([np.argmax(vectors[start:start + 1000] @ reference_vectors.T, axis=1)
                               for start in range(0, len(vectors), 1000)])
     accuracy = float(np.mean(np.asarray(reference[1])[nearest] == np.asarray(labels)))
