@@ -80,6 +80,24 @@ def _with_lrate(setting: str, per_item_lrate: str) -> tuple:
 SETTINGS.update({f"{setting}_lr{lrate}": _with_lrate(setting, lrate) for setting, lrate in
                  [("inception_bn_softmax", "0.0003"), ("resnext_softmax", "0.0003"), ("resnet_arcface", "0.001"),
                   ("inception_bn_sigmoid", "0.0003"), ("resnext_sigmoid", "0.0003")]})
+
+# The recipe rows (issue 18): one generic recipe for 28 px products, fixed before any test-split result
+# and not tuned on it: products may be mirrored (--flip), a light random-resized crop, 0.1 per 128
+# images (per_item_lrate 0.0008) with a 0.2-epoch warmup and cosine decay, Nesterov, label smoothing
+# 0.1 for softmax, and the 3x3 stride-2 stem (16x16 into stage 1 at 32 px; the ImageNet stem leaves 8x8,
+# the stride-1 small stem costs 4x more again: ~9 images/s on 2 cores for resnext50 at 32 px). Budgets:
+# two epochs of the 57,000 training images for the classifiers (~37 images/s: ~51 min on 2 idle cores).
+RECIPE = ["--stem", "small_s2", "--flip", "--min_crop_area", "0.8", "--warmup_epochs", "0.2",
+          "--lr_schedule", "cosine", "--nesterov"]
+SETTINGS.update({
+    "resnext_recipe": ("resnext", ["--arch", "resnext50_32x4d", "--logreg", "0", "--label_smoothing", "0.1",
+                                   *RECIPE, "--per_item_lrate", "0.0008"], (2, None)),
+    "inception_bn_recipe": ("inception_bn", ["--logreg", "0", "--label_smoothing", "0.1", *RECIPE,
+                                             "--per_item_lrate", "0.0008"], (2, None)),
+    "resnet_arcface_recipe": ("resnet_angular_margin",
+                              ["--arch", "resnet50", "--embeddings_size", "128", "--angular_scale", "32",
+                               "--angular_margin", "0.3", *RECIPE, "--per_item_lrate", "0.0008"], (2, None)),
+})
 BASELINE = "raw_pixels"
 
 
@@ -205,12 +223,14 @@ def train_flags(setting: str, args, data: str) -> list[str]:
     items = args.num_items_per_epoch or items
     init_epochs = max(1, round(epochs * 2 / 3))  # then 0.1x, 0.01x ... every step_epochs
     step_epochs = max(1, (epochs - init_epochs) // 2)
-    return ["--template", template, *flags, "--data", data,
+    items_flags = [] if items is None else ["--num_items_per_epoch", str(items)]  # None: every training image
+    # The row's own flags come after the script's defaults, so they win (argparse keeps the last).
+    return ["--template", template, "--data", data,
             "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
-            "--num_epochs", str(epochs), "--num_items_per_epoch", str(items),
+            "--num_epochs", str(epochs), *items_flags,
             "--init_epochs", str(init_epochs), "--step_epochs", str(step_epochs),
             "--min_crop_area", str(args.min_crop_area), "--holdout", "images",
-            "--holdout_fraction", str(args.holdout_fraction), "--no_progress"]
+            "--holdout_fraction", str(args.holdout_fraction), "--no_progress", *flags]
 
 
 def run_setting(setting: str, args, train_folder: str, test_images) -> dict:
@@ -225,7 +245,7 @@ def run_setting(setting: str, args, train_folder: str, test_images) -> dict:
         "settings": " ".join(SETTINGS[setting][1]), "image_size": config["image_size"],
         "train_seconds": run.seconds, "images_per_second": run.images_per_second(),
         "num_train_images": record["num_train_images"], "num_holdout_images": record["num_eval_images"],
-        "images_seen": config["num_epochs"] * config["num_items_per_epoch"],
+        "images_seen": config["num_epochs"] * (config["num_items_per_epoch"] or record["num_train_images"]),
         "command": run.command, "holdout": run.holdout(), "train_loss": run.summary().get("train/loss"),
         "test": test, "test_seconds": time.perf_counter() - start,
     }

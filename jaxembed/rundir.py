@@ -251,7 +251,9 @@ class RunDir:
                     if not newest or attempt == 9 or manager.latest_step() == step:
                         raise
                     log.info("checkpoint %d was replaced while being read; reading the newest", step)
-        params = restored["params"]
+        # A run with `ema_decay` is used through its moving average of the weights.
+        weights = restored if restored.get("ema") is None else restored["ema"]
+        params = weights["params"]
         if "centers" in params:
             params = {**params, "centers": params["centers"][:, :len(self.concepts())]}
-        return {"params": params, "batch_stats": restored["batch_stats"]}, step
+        return {"params": params, "batch_stats": weights["batch_stats"]}, step

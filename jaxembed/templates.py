@@ -308,11 +308,13 @@ RUN_OPTIONS = _hparams(
     HParam("nesterov", bool, False, help="Nesterov momentum (SGD)"),
     HParam("label_smoothing", float, 0.0, 0.0, 0.99, None, "softmax (logreg=0) target smoothing"),
     HParam("clip_grad_norm", float, None, 0.0, None, None, "clip the global gradient norm to this (unset: off)"),
+    HParam("ema_decay", float, None, 0.0, 0.99999, None, "keep an exponential moving average of the weights "
+           "with this decay (e.g. 0.999; unset: off); evaluation, jaxembed.load, embed and export then use it"),
     HParam("embedding_neck", str, "none", help="classifier templates' embedding: the pooled features as they "
            "are (none) or centred on their running mean (center)", choices=("none", "center")),
-    HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or a 3x3 "
-           "stride-1 convolution without max-pool for 32-64 px images (pretrained weights need imagenet)",
-           choices=("imagenet", "small")),
+    HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or one 3x3 "
+           "convolution of stride 1 (small) or 2 (small_s2, ~4x cheaper) without max-pool for 32-64 px images "
+           "(pretrained weights need imagenet)", choices=models.STEMS),
     HParam("data_dir", str, None, help="TFDS data directory", same_run=False),
     HParam("depth", int, None, 1, None, 1, "folder data: path components that name a concept"),
     HParam("init_from", str, None, help="torchvision/BN-Inception weights (.pth or .safetensors) for the backbone"),

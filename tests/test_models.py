@@ -151,14 +151,16 @@ def test_params_stay_float32_under_bfloat16():
 FAMILIES = ("resnet50", "resnext50_32x4d", "inception_bn")
 # The stem's first convolution: name and kernel with each stem (the rest of the network is the same).
 STEM_CONVS = {
-    "resnet": {"imagenet": ("stem_conv", (7, 7, 3, 64)), "small": ("stem_conv", (3, 3, 3, 64))},
-    "inception_bn": {"imagenet": ("conv1_7x7_s2", (7, 7, 3, 64)), "small": ("conv1_3x3_s1", (3, 3, 3, 64))},
+    "resnet": {"imagenet": ("stem_conv", (7, 7, 3, 64)), "small": ("stem_conv", (3, 3, 3, 64)),
+               "small_s2": ("stem_conv", (3, 3, 3, 64))},
+    "inception_bn": {"imagenet": ("conv1_7x7_s2", (7, 7, 3, 64)), "small": ("conv1_3x3_s1", (3, 3, 3, 64)),
+                     "small_s2": ("conv1_3x3_s2", (3, 3, 3, 64))},
 }
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_both_stems_build_at_32px(arch):
-    """create(stem=...): "small" replaces the stem's 7x7 convolution by a 3x3 one, the rest is unchanged.
+def test_every_stem_builds_at_32px(arch):
+    """create(stem=...): the small stems replace the stem's 7x7 convolution by a 3x3 one, the rest is unchanged.
 
     Shapes only (jax.eval_shape); the resolutions each stem gives are checked in test_recipe.py.
     """
@@ -175,8 +177,8 @@ def test_both_stems_build_at_32px(arch):
         assert (stem_conv["conv"] if arch == "inception_bn" else stem_conv)["kernel"].shape == kernel_shape
         params[stem] = {key: value for key, value in variables["params"].items() if key != name}
     shapes = [jax.tree.map(lambda leaf: leaf.shape, params[stem]) for stem in models.STEMS]
-    assert shapes[0] == shapes[1]
-    with pytest.raises(ValueError, match="stem='tiny'.*imagenet, small"):
+    assert shapes[0] == shapes[1] == shapes[2]
+    with pytest.raises(ValueError, match="stem='tiny'.*imagenet, small, small_s2"):
         models.create(arch, stem="tiny")
 
 

@@ -187,10 +187,106 @@ def test_small_stem_keeps_the_resolution_of_32px_images():
     assert _activation_sides("inception_bn", "imagenet")["inception_5b"] == 1
 
 
+def test_small_s2_stem_halves_the_resolution_of_32px_images():
+    # One 3x3 stride-2 convolution, no max-pool: 32 -> 16 into stage 1, 2x2 in stage 4 (twice the
+    # ImageNet stem's side, half the small stem's).
+    resnet = _activation_sides("resnext50_32x4d", "small_s2")
+    assert (resnet["stem_conv"], resnet["stage1_block0"], resnet["stage4_block2"]) == (16, 16, 2)
+    inception = _activation_sides("inception_bn", "small_s2")
+    assert (inception["conv1_3x3_s2"], inception["inception_3a"], inception["inception_5b"]) == (16, 8, 2)
+
+
 def test_small_stem_refuses_pretrained_weights(tmp_path):
     config = tiny.config(stem="small", init_from=str(tmp_path / "resnet50.pth"))
     with pytest.raises(ValueError, match="stem"):
         prepare_run(config, tiny.digits())
+
+
+# ----------------------------------------------------------------------------- weight EMA
+
+
+def _weights(variables) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(path): np.array(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
+
+
+def _average_by_hand(history: list[dict], decay: float, warmup: bool = True) -> dict[str, np.ndarray]:
+    """The moving average of `history` (the weights at the start, then after each step), by the formula:
+    after step t (0 for the first), average = d * average + (1 - d) * weights, d = min(decay, (1+t)/(10+t))."""
+    average = history[0]
+    for step, weights in enumerate(history[1:]):
+        d = min(decay, (1 + step) / (10 + step)) if warmup else decay
+        average = {name: d * average[name] + (1 - d) * weights[name] for name in average}
+    return average
+
+
+def test_ema_equals_the_hand_computed_average_of_the_weights():
+    from jaxembed import parallel
+    from jaxembed.train import compile_steps
+
+    # decay 0.2: the warmup's (1+t)/(10+t) = 0.1, 0.18 rules the first two steps, 0.2 the last two.
+    with jax.enable_x64(True):
+        run = prepare_run(tiny.config(ema_decay=0.2, dtype="float64"), tiny.digits())
+        steps = compile_steps(run)
+        state = steps.init(jax.random.PRNGKey(0))
+        history = [_weights(state.trained_variables)]
+        assert tiny.relative_differences(_weights(state.ema), history[0]) == dict.fromkeys(history[0], 0.0)
+        batches = loop.training_batches(run, 0)
+        for _ in range(tiny.NUM_STEPS):
+            state, _ = steps.train(state, parallel.global_batch(next(batches), run.mesh))
+            history.append(_weights(state.trained_variables))
+        average = _weights(state.ema)
+        assert _weights(state.variables).keys() == average.keys()
+        tiny.assert_same_state(_weights(state.variables), average, rtol=0.0)  # inference uses the average
+    tiny.assert_same_state(average, _average_by_hand(history, 0.2), rtol=1e-12)
+    # Controls: the last weights, and the average without the decay's warmup, fail the same check (by
+    # ~1e-4 relative: four small steps move the weights little).
+    for wrong in (history[-1], _average_by_hand(history, 0.2, warmup=False)):
+        with pytest.raises(AssertionError, match="relative apart"):
+            tiny.assert_same_state(average, wrong, rtol=1e-9)
+
+
+def test_without_ema_the_state_keeps_no_average():
+    run = prepare_run(tiny.config(), tiny.digits())
+    from jaxembed.train import compile_steps
+
+    state = compile_steps(run).init(jax.random.PRNGKey(0))
+    assert state.ema is None and state.variables == state.trained_variables
+
+
+def test_a_run_with_ema_is_loaded_and_embedded_through_its_average(tmp_path):
+    import jaxembed
+
+    trained = tiny.train_digits_run(str(tmp_path), ema_decay=0.2)
+    run_dir = rundir.RunDir(trained.workdir)
+    with run_dir.checkpoint_manager() as manager:
+        saved = manager.restore(manager.latest_step())
+    variables, _ = run_dir.variables()
+    tiny.assert_same_state(_weights(variables), _weights(saved["ema"]), rtol=0.0)
+    with pytest.raises(AssertionError, match="relative apart"):  # the last weights are another thing
+        tiny.assert_same_state(_weights(variables), _weights({"params": saved["params"],
+                                                              "batch_stats": saved["batch_stats"]}), rtol=1e-9)
+    tiny.assert_same_state(_weights(jaxembed.load(trained.workdir).variables), _weights(saved["ema"]), rtol=0.0)
+
+
+def test_held_out_evaluation_uses_the_average(monkeypatch):
+    from jaxembed import embed
+    from jaxembed.train import compile_steps
+
+    run = prepare_run(tiny.config(ema_decay=0.2), tiny.digits())
+    steps = compile_steps(run)
+    state = steps.init(jax.random.PRNGKey(0))
+    state, _ = steps.train(state, next(loop.training_batches(run, 0)))
+    average = {"params": jax.tree.map(lambda x: -x, state.params), "batch_stats": state.batch_stats}
+    seen = []
+    original = embed.embed_dataset
+
+    def spy(apply_fn, variables, *args, **kwargs):
+        seen.append(variables)
+        return original(apply_fn, variables, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_dataset", spy)
+    loop.evaluate_run(run, state.replace(ema=average), steps)
+    assert seen and seen[0] is average  # the model pass (a later pixel pass takes no variables)
 
 
 # ----------------------------------------------------------------------------- logging and the summary

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxembed.models import inception_bn, resnet
 from jaxembed.models.heads import ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
 from jaxembed.models.pretrained import load_pretrained, merge_backbone
+from jaxembed.models.stems import STEMS
 
 # arch name -> (constructor accepting num_classes/dtype/remat, pooled feature width)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
@@ -57,7 +58,6 @@ def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}") from None
 
 
-STEMS = ("imagenet", "small")
 
 
 def create(
@@ -74,8 +74,9 @@ def create(
     remat: rematerialise each residual/inception block to save activation memory.
     conv_impl: "auto" (XLA:CPU-friendly forms on CPU, native convolutions elsewhere), "native" or
       "cpu"; see `conv_forms`. Same parameters and outputs either way.
-    stem: "imagenet" (the published networks') or "small" (3x3 stride-1, no max-pool: for 32-64 px
-      images); a registered backbone gets `stem=` only when it is not "imagenet".
+    stem: "imagenet" (the published networks'), "small" or "small_s2" (one 3x3 convolution of stride 1
+      or 2, no max-pool: for 32-64 px images; see `jaxembed.models.stems`); a registered backbone gets
+      `stem=` only when it is not "imagenet".
     """
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is invalid: expected one of {', '.join(STEMS)}")

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
+from jaxembed.models.stems import SMALL_STEM_STRIDES
 
 FEATURE_DIM = 1024
 
@@ -168,7 +169,8 @@ class InceptionBN(nn.Module):
         "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
       stem: "imagenet" (7x7/2 convolution and max-pool before conv2: 1/8 resolution into inception_3a)
-        or "small" (a 3x3 stride-1 convolution `conv1_3x3_s1`, no first max-pool: 1/2), for 32-64 px.
+        "small" (a 3x3 stride-1 convolution `conv1_3x3_s1`, no first max-pool: 1/2) or "small_s2"
+        (`conv1_3x3_s2`, stride 2: 1/4), for 32-64 px (`jaxembed.models.stems`).
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 1024) float32
     features, or (B, num_classes) float32 logits.
@@ -184,9 +186,10 @@ class InceptionBN(nn.Module):
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(InceptionBlock, static_argnums=(2,)) if self.remat else InceptionBlock
 
-        if self.stem == "small":
-            x = ConvBNReLU(64, kernel=3, padding=1, conv_impl=self.conv_impl, dtype=self.dtype,
-                           name="conv1_3x3_s1")(x, train)
+        if self.stem in SMALL_STEM_STRIDES:
+            stride = SMALL_STEM_STRIDES[self.stem]
+            x = ConvBNReLU(64, kernel=3, stride=stride, padding=1, conv_impl=self.conv_impl, dtype=self.dtype,
+                           name=f"conv1_3x3_s{stride}")(x, train)
         else:
             x = ConvBNReLU(64, kernel=7, stride=2, padding=3, conv_impl=self.conv_impl, dtype=self.dtype,
                            name="conv1_7x7_s2")(x, train)

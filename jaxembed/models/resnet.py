@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
+from jaxembed.models.stems import SMALL_STEM_STRIDES
 
 FEATURE_DIM = 2048  # 512 planes * bottleneck expansion 4
 
@@ -129,9 +130,10 @@ class ResNet(nn.Module):
       conv_impl: "auto" (on CPU the faster forms of `conv_forms`, elsewhere XLA's convolutions),
         "native" or "cpu". Same parameters and outputs either way.
       dtype: computation dtype; parameters are always float32.
-      stem: "imagenet" (7x7/2 convolution and 3x3/2 max-pool: 1/4 resolution into stage 1) or "small"
-        (one 3x3 stride-1 convolution, no pool: full resolution), for 32-64 px images, where the
-        ImageNet stem leaves stage 4 with a 1x1 map whose 3x3 convolutions see only their centre tap.
+      stem: "imagenet" (7x7/2 convolution and 3x3/2 max-pool: 1/4 resolution into stage 1), "small"
+        (one 3x3 stride-1 convolution, no pool: full resolution) or "small_s2" (3x3 stride 2: 1/2), for
+        32-64 px images, where the ImageNet stem leaves stage 4 with a 1x1 map whose 3x3 convolutions
+        see only their centre tap (`jaxembed.models.stems`).
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 2048) float32
     features, or (B, num_classes) float32 logits.
@@ -151,8 +153,8 @@ class ResNet(nn.Module):
     def __call__(self, x, train: bool = False):
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
 
-        if self.stem == "small":
-            x = _conv(64, 3, 1, 1, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
+        if self.stem in SMALL_STEM_STRIDES:
+            x = _conv(64, 3, SMALL_STEM_STRIDES[self.stem], 1, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)
             x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
         else:
             x = _conv(64, 7, 2, 3, self.dtype, "stem_conv", conv_impl=self.conv_impl)(x)

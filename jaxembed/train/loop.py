@@ -70,8 +70,9 @@ def _initial_state(run: Run, steps: Steps, run_dir: rundir.RunDir, manager) -> t
         return restored, step
     if run.config.init_from:  # a resumed run keeps its own weights
         pretrained = models.load_pretrained(run.config.arch, run.config.init_from)
-        merged = models.merge_backbone(state.variables, pretrained)
-        state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"])
+        merged = models.merge_backbone(state.trained_variables, pretrained)
+        state = state.replace(params=merged["params"], batch_stats=merged["batch_stats"],
+                              ema=None if state.ema is None else merged)
         log.info("backbone initialised from %s", run.config.init_from)
     return state, None
 

@@ -21,11 +21,32 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # the run's key; each step folds in its step number
+    # With `ema_decay`: `{"params", "batch_stats"}` averaged over the steps (`update_ema`); else None.
+    ema: Any = None
+
+    @property
+    def trained_variables(self) -> dict:
+        """The weights as the last step left them."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
 
     @property
     def variables(self) -> dict:
-        """What the model needs for inference."""
-        return {"params": self.params, "batch_stats": self.batch_stats}
+        """What the model uses for inference: the moving average of the weights when the run keeps one."""
+        return self.trained_variables if self.ema is None else self.ema
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The decay of the average's update at optimiser step `step` (0 for the first): `decay`, but at most
+    (1 + step) / (10 + step), so early on the average follows the weights instead of staying near their
+    random initialisation (as TensorFlow's ExponentialMovingAverage with num_updates)."""
+    step = jnp.asarray(step).astype(jnp.result_type(float))  # float64 under jax_enable_x64, else float32
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: dict, variables: dict, decay: jax.Array) -> dict:
+    """`decay * ema + (1 - decay) * variables`, leaf by leaf, in each leaf's dtype."""
+    return jax.tree.map(lambda average, new: (decay * average + (1 - decay) * new).astype(average.dtype),
+                        ema, variables)
 
 
 def _decay_mask(params):
@@ -48,8 +69,10 @@ def build_optimizer(schedule: optax.Schedule, config: templates.Config) -> optax
 
 
 def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image_size: int,
-               num_classes: int | None = None) -> TrainState:
+               num_classes: int | None = None, ema: bool = False) -> TrainState:
     """A fresh train state (pure; jit it with out_shardings to create it directly on devices).
+
+    `ema`: keep a moving average of the weights, starting from the initial weights.
 
     `num_classes`: the real class count of an ArcFace `model` whose centre matrix has more columns
     (padded to a multiple of `model_parallelism`). The centres start as they would for `num_classes`
@@ -76,4 +99,5 @@ def init_state(rng: jax.Array, *, model, tx: optax.GradientTransformation, image
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
         opt_state=tx.init(params), rng=state_rng,
+        ema={"params": params, "batch_stats": batch_stats} if ema else None,
     )
