@@ -19,6 +19,7 @@ import tiny
 from PIL import Image
 
 from jaxembed import data as data_lib
+from jaxembed.data import transforms
 from jaxembed import losses, metrics, models, rundir, schedules, tasks, templates
 from jaxembed.train import build_optimizer, loop, prepare_run
 
@@ -66,6 +67,68 @@ def test_flip_is_off_unless_asked_and_reaches_the_pipeline(monkeypatch, flip):
     with pytest.raises(RuntimeError, match="stop here"):
         next(loop.training_batches(run, 0))
     assert seen["flip"] is flip
+
+
+# ----------------------------------------------------------------------------- pad-and-crop, random erasing
+
+
+def _noise_image(size: int = 32, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _augment(image, randoms, **options):
+    options = {"crop_area": (0.5, 1.0), "flip": False, **options}
+    return transforms.augment_for_train(image, 32, np.asarray(randoms, np.float32), **options)
+
+
+def test_pad_crop_is_a_shift_of_the_edge_padded_image():
+    image = _noise_image()
+    padded = np.pad(np.asarray(image), ((4, 4), (4, 4), (0, 0)), mode="edge")  # the reference, by NumPy
+    assert np.array_equal(np.asarray(transforms.center_crop(image, 32)), np.asarray(image))  # 32 px: no resampling
+    rng = np.random.default_rng(1)
+    offsets = set()
+    for randoms in rng.random((200, transforms.NUM_AUGMENT_RANDOMS)):
+        out = _augment(image, randoms, crop="pad", crop_padding=4)
+        left, top = (min(int(u * 9), 8) for u in randoms[2:4])  # x, y: one of the 9 offsets 0..8 each
+        assert np.array_equal(out, padded[top:top + 32, left:left + 32])
+        offsets.add((left, top))
+    assert len(offsets) > 60  # of the 81 shifts, 200 draws leave out ~7 on average
+    assert np.array_equal(_augment(image, [0.5] * 10, crop="pad", crop_padding=0), np.asarray(image))
+
+
+def test_random_erasing_greys_one_rectangle_of_the_allowed_size():
+    image = _noise_image(seed=2)
+    rng = np.random.default_rng(3)
+    erased_count = 0
+    for randoms in rng.random((200, transforms.NUM_AUGMENT_RANDOMS)):
+        plain = _augment(image, randoms)
+        out = _augment(image, randoms, erase_probability=0.5)
+        if randoms[5] >= 0.5:  # the erasing's first number decides: here, no erasing
+            assert np.array_equal(out, plain)
+            continue
+        erased_count += 1
+        grey = np.all(out == transforms.ERASE_FILL, axis=-1)
+        rows, cols = np.nonzero(grey & np.any(out != plain, axis=-1))  # noise is almost never exactly grey
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert grey[top:bottom, left:right].all()  # one solid grey rectangle ...
+        outside = np.ones((32, 32), bool)
+        outside[top:bottom, left:right] = False
+        assert np.array_equal(out[outside], plain[outside])  # ... and nothing else changed
+        area = (bottom - top) * (right - left) / 32**2
+        assert 0.015 <= area <= 0.36, area  # 2%-33% of the image, up to the rounding of its sides
+        assert 0.25 <= (bottom - top) / (right - left) <= 4.0  # aspect 0.3..3.3, rounded
+    assert 70 <= erased_count <= 130  # 200 coin flips at 0.5
+    assert all(np.array_equal(_augment(image, randoms, erase_probability=0.0), _augment(image, randoms))
+               for randoms in rng.random((20, transforms.NUM_AUGMENT_RANDOMS)))
+
+
+def test_crop_and_erasing_options_reach_the_pipeline(monkeypatch):
+    assert set(templates.RUN_OPTIONS["crop"].choices) == set(transforms.CROPS)
+    seen = {}
+    monkeypatch.setattr(data_lib, "train_batches", lambda *args, **kwargs: seen.update(kwargs) or iter([]))
+    run = prepare_run(tiny.config(crop="pad", crop_padding=2, random_erasing=0.25), tiny.digits())
+    loop.training_batches(run, 0)
+    assert (seen["crop"], seen["crop_padding"], seen["erase_probability"]) == ("pad", 2, 0.25)
 
 
 # ----------------------------------------------------------------------------- schedule

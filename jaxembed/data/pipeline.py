@@ -23,7 +23,8 @@ from PIL import Image
 
 from jaxembed.data.dataset import LabelledImages
 from jaxembed.data.decode import describe_error, open_image
-from jaxembed.data.transforms import NUM_AUGMENT_RANDOMS, augment_for_train, center_crop
+from jaxembed.data.transforms import (CROP_FLIP_RANDOMS, CROPS, ERASE_RANDOMS, NUM_AUGMENT_RANDOMS, augment_for_train,
+                                      center_crop)
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +59,18 @@ def train_batches(
     skip_batches: int = 0,
     crop_area: tuple[float, float] = (0.25, 1.0),
     flip: bool = False,
+    crop: str = "resized",
+    crop_padding: int = 4,
+    erase_probability: float = 0.0,
 ) -> Iterator[Batch]:
     """Endless augmented training batches for this process, reshuffled every epoch.
 
     Each epoch is a new permutation of this process's shard (drawn from `seed`, the epoch and
     `process_index`), cut to `steps_per_epoch(len(data), batch_size, process_count)` full batches.
-    Each image gets a random-resized crop (area fraction in `crop_area`, aspect 3/4..4/3) and, with
-    `flip`, a random horizontal flip (off by default: a mirrored character or digit is another concept).
+    Each image gets a random-resized crop (area fraction in `crop_area`, aspect 3/4..4/3) or, with
+    `crop="pad"`, a random shift of up to `crop_padding` pixels; with `flip`, a random horizontal flip
+    (off by default: a mirrored character or digit is another concept); and with `erase_probability`,
+    random erasing (`jaxembed.data.transforms.augment_for_train`).
 
     `crop_area` defaults to (0.25, 1) rather than ImageNet's (0.08, 1): for embeddings the concept must
     remain recognisable in the crop, and small images (8x8 digits, 105x105 glyphs) have little to spare.
@@ -94,6 +100,9 @@ def train_batches(
         raise ValueError(f"start_epoch and skip_batches must be >= 0, got {start_epoch}, {skip_batches}")
     if not 0 < crop_area[0] <= crop_area[1] <= 1:
         raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1, got crop_area={crop_area}")
+    if crop not in CROPS or crop_padding < 0 or not 0 <= erase_probability <= 1:
+        raise ValueError(f"crop={crop!r} (expected one of {', '.join(CROPS)}), crop_padding={crop_padding} "
+                         f"(expected >= 0), erase_probability={erase_probability} (expected 0..1)")
     steps = steps_per_epoch(len(data), batch_size, process_count)
     if steps == 0:
         raise ValueError(
@@ -104,10 +113,12 @@ def train_batches(
     first_epoch, first_step = start_epoch + skip_batches // steps, skip_batches % steps
 
     def epoch_plan(epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        """The batches of `epoch`: image indices `(steps, B)` and augmentation numbers `(steps, B, 5)`."""
+        """The batches of `epoch`: image indices `(steps, B)` and augmentation numbers `(steps, B, 10)`."""
         rng = np.random.default_rng([int(seed), int(epoch), process_index])
         order = shard[rng.permutation(len(shard))[: steps * batch_size]].reshape(steps, batch_size)
-        randoms = rng.random((steps, batch_size, NUM_AUGMENT_RANDOMS), dtype=np.float32)
+        crop_flip = rng.random((steps, batch_size, CROP_FLIP_RANDOMS), dtype=np.float32)
+        erasing = rng.random((steps, batch_size, ERASE_RANDOMS), dtype=np.float32)  # drawn after: see transforms
+        randoms = np.concatenate([crop_flip, erasing], axis=-1)
         first = first_step if epoch == first_epoch else 0
         return order[first:], randoms[first:]
 
@@ -118,7 +129,8 @@ def train_batches(
         return order, randoms
 
     def load(image: Image.Image, randoms: np.ndarray) -> np.ndarray:
-        return augment_for_train(image, image_size, randoms, crop_area=crop_area, flip=flip)
+        return augment_for_train(image, image_size, randoms, crop_area=crop_area, flip=flip, crop=crop,
+                                 crop_padding=crop_padding, erase_probability=erase_probability)
 
     planned_batches = tf.data.Dataset.counter(first_epoch).map(plan_in_tf).unbatch()
     # Large JPEGs are decoded at a reduced scale, as long as the smallest crop keeps its full resolution.

@@ -21,8 +21,19 @@ _RESAMPLE = Image.Resampling.BILINEAR
 # Random-resized-crop aspect ratios (width / height), the standard Inception range.
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
-# Number of uniform random numbers `augment_for_train` consumes per image.
-NUM_AUGMENT_RANDOMS = 5
+# Uniform random numbers `augment_for_train` consumes per image: five for the crop and the flip, then
+# five for random erasing (drawn after them, so adding erasing left every run's crops and flips as they were).
+CROP_FLIP_RANDOMS, ERASE_RANDOMS = 5, 5
+NUM_AUGMENT_RANDOMS = CROP_FLIP_RANDOMS + ERASE_RANDOMS
+
+CROPS = ("resized", "pad")
+
+# Random erasing (Zhong et al., 2017): the erased rectangle covers 2%-33% of the image, with a
+# log-uniform aspect ratio in [0.3, 3.3], filled with mid-grey, which normalisation (ImageNet mean
+# 0.41-0.49) maps close to zero, as the paper's and timm's mean-value fill.
+_ERASE_AREA = (0.02, 1 / 3)
+_ERASE_ASPECT_RATIO = (0.3, 1 / 0.3)
+ERASE_FILL = 128
 
 
 def preprocess_for_eval(image: np.ndarray, image_size: int) -> np.ndarray:
@@ -62,31 +73,75 @@ def augment_for_train(
     *,
     crop_area: tuple[float, float],
     flip: bool,
+    crop: str = "resized",
+    crop_padding: int = 4,
+    erase_probability: float = 0.0,
 ) -> np.ndarray:
-    """Random-resized crop to an `image_size` square, then a random horizontal flip.
+    """A random crop to an `image_size` square, a random horizontal flip, then random erasing.
 
-    The crop covers a fraction of the image area drawn uniformly from `crop_area`, with a log-uniform
-    aspect ratio in [3/4, 4/3], at a uniform position; where that box would leave the image it is
-    clipped to the image, so there is no rejection loop and the result is a pure function of `randoms`.
+    `crop="resized"`: a random-resized crop covering a fraction of the image area drawn uniformly from
+    `crop_area`, with a log-uniform aspect ratio in [3/4, 4/3], at a uniform position; where that box
+    would leave the image it is clipped to the image, so there is no rejection loop and the result is a
+    pure function of `randoms`. `crop="pad"`: the evaluation view (`center_crop`), its border pixels
+    repeated `crop_padding` times on every side, cropped back to `image_size` at a uniform offset: shifts
+    of up to `crop_padding` pixels at the full scale (the standard for 28-32 px images).
 
     Args:
       image: a Pillow image in mode "L" or "RGB".
       image_size: side of the square output.
-      randoms: `NUM_AUGMENT_RANDOMS` floats in [0, 1): area, aspect ratio, x, y, flip.
-      crop_area: (smallest, largest) fraction of the image area the crop covers, within (0, 1].
+      randoms: `NUM_AUGMENT_RANDOMS` floats in [0, 1): area, aspect ratio, x, y, flip; then erasing's
+        whether, area, aspect ratio, x, y.
+      crop_area: (smallest, largest) fraction of the image area a resized crop covers, within (0, 1].
       flip: whether to flip horizontally half of the time.
+      crop: "resized" or "pad".
+      crop_padding: pixels of padding on each side for `crop="pad"`.
+      erase_probability: the chance that a rectangle of the output is replaced by mid-grey.
 
     Returns:
       uint8 `(image_size, image_size, channels)`, 1 channel for "L" input and 3 for "RGB".
     """
-    width, height = image.size
-    u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in randoms)
-    area = height * width * (crop_area[0] + u_area * (crop_area[1] - crop_area[0]))
-    log_low, log_high = math.log(_ASPECT_RATIO_RANGE[0]), math.log(_ASPECT_RATIO_RANGE[1])
-    aspect_ratio = math.exp(log_low + u_ratio * (log_high - log_low))
-    crop_width = min(float(width), math.sqrt(area * aspect_ratio))
-    crop_height = min(float(height), math.sqrt(area / aspect_ratio))
-    left, top = u_x * (width - crop_width), u_y * (height - crop_height)
-    box = (left, top, left + crop_width, top + crop_height)
-    pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
-    return pixels[:, ::-1] if flip and u_flip < 0.5 else pixels
+    u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in randoms[:CROP_FLIP_RANDOMS])
+    if crop == "pad":
+        view = np.atleast_3d(np.asarray(center_crop(image, image_size)))
+        padded = np.pad(view, ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0)), mode="edge")
+        left, top = (min(int(u * (2 * crop_padding + 1)), 2 * crop_padding) for u in (u_x, u_y))
+        pixels = padded[top:top + image_size, left:left + image_size]
+    else:
+        width, height = image.size
+        area = height * width * (crop_area[0] + u_area * (crop_area[1] - crop_area[0]))
+        aspect_ratio = _log_uniform(u_ratio, _ASPECT_RATIO_RANGE)
+        crop_width = min(float(width), math.sqrt(area * aspect_ratio))
+        crop_height = min(float(height), math.sqrt(area / aspect_ratio))
+        left, top = u_x * (width - crop_width), u_y * (height - crop_height)
+        box = (left, top, left + crop_width, top + crop_height)
+        pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
+    if flip and u_flip < 0.5:
+        pixels = pixels[:, ::-1]
+    return erase_rectangle(pixels, randoms[CROP_FLIP_RANDOMS:], erase_probability)
+
+
+def erase_rectangle(pixels: np.ndarray, randoms: np.ndarray, probability: float) -> np.ndarray:
+    """`pixels` with a random rectangle set to `ERASE_FILL`, with the chance `probability` (random erasing).
+
+    `randoms`: `ERASE_RANDOMS` floats in [0, 1): whether (erase when below `probability`), area, aspect
+    ratio (height / width), x, y. A rectangle taller or wider than the image is clipped to it.
+    """
+    u_apply, u_area, u_ratio, u_x, u_y = (float(u) for u in randoms)
+    if u_apply >= probability:
+        return pixels
+    height, width = pixels.shape[:2]
+    area = height * width * (_ERASE_AREA[0] + u_area * (_ERASE_AREA[1] - _ERASE_AREA[0]))
+    aspect_ratio = _log_uniform(u_ratio, _ERASE_ASPECT_RATIO)
+    erase_height = min(height, max(1, round(math.sqrt(area * aspect_ratio))))
+    erase_width = min(width, max(1, round(math.sqrt(area / aspect_ratio))))
+    top = min(int(u_y * (height - erase_height + 1)), height - erase_height)
+    left = min(int(u_x * (width - erase_width + 1)), width - erase_width)
+    erased = pixels.copy()
+    erased[top:top + erase_height, left:left + erase_width] = ERASE_FILL
+    return erased
+
+
+def _log_uniform(u: float, bounds: tuple[float, float]) -> float:
+    """The number log-uniformly between `bounds` at quantile `u`."""
+    low, high = math.log(bounds[0]), math.log(bounds[1])
+    return math.exp(low + u * (high - low))
