@@ -356,8 +356,8 @@ def test_held_out_evaluation_uses_the_average(monkeypatch):
 
 
 def test_logged_loss_is_the_mean_over_the_window(tmp_path):
-    every_step, per_two = (tiny.config("inception_bn", log_every=n) for n in (1, 2))
-    for config, name in ((every_step, "one"), (per_two, "two")):
+    every_step, per_two, per_three = (tiny.config("inception_bn", log_every=n) for n in (1, 2, 3))
+    for config, name in ((every_step, "one"), (per_two, "two"), (per_three, "three")):
         loop.train_and_evaluate(config, str(tmp_path / name), data=tiny.digits())
     losses_each = [r["loss"] for r in rundir.RunDir(str(tmp_path / "one")).metrics() if "loss" in r]
     logged = [r for r in rundir.RunDir(str(tmp_path / "two")).metrics() if "loss" in r]
@@ -366,6 +366,11 @@ def test_logged_loss_is_the_mean_over_the_window(tmp_path):
     for record, pair in zip(logged, (losses_each[0:2], losses_each[2:4])):
         assert record["loss"] == pytest.approx(np.mean(pair), rel=1e-6)
         assert record["window_steps"] == 2
+    # 4 steps logged every 3: the window of steps 1-3, then the last step alone when the run ends.
+    per_three_logged = [r for r in rundir.RunDir(str(tmp_path / "three")).metrics() if "loss" in r]
+    assert [(r["step"], r["window_steps"]) for r in per_three_logged] == [(3, 3), (4, 1)]
+    assert [r["loss"] for r in per_three_logged] == pytest.approx([np.mean(losses_each[:3]), losses_each[3]],
+                                                                  rel=1e-6)
     # TensorBoard's event file beside metrics.jsonl holds the same numbers.
     assert _tensorboard_scalars(str(tmp_path / "two"), "loss") == pytest.approx(
         {r["step"]: r["loss"] for r in logged}, rel=1e-6)

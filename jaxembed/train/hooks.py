@@ -94,7 +94,7 @@ class MetricsLog:
         self._run_dir, self._run = run_dir, run
         self._window_start, self._window_images = time.perf_counter(), 0
         self._window_sums: dict[str, float] = {}
-        self._window_steps = 0
+        self._window_steps, self._last_step = 0, start - 1
         self.progress = tqdm(total=end, initial=start, desc=f"{run.config.template.name} step", unit="step",
                              disable=not run.config.progress or jax.process_index() != 0, dynamic_ncols=True)
 
@@ -102,10 +102,21 @@ class MetricsLog:
         """Metrics of the step that took the state from `step` to `step + 1`."""
         self._window_images += self._run.config.batch_size
         self._window_steps += 1
+        self._last_step = step
         for name, value in metrics.items():
             self._window_sums[name] = self._window_sums.get(name, 0.0) + float(value)
-        if (step + 1) % self._run.config.log_every:
-            return
+        if (step + 1) % self._run.config.log_every == 0:
+            self._write_window()
+
+    def close(self) -> None:
+        """Writes the last, shorter window (a run's end or a stop between two logging steps), then closes
+        the progress bar."""
+        if self._window_steps:
+            self._write_window()
+        self.progress.close()
+
+    def _write_window(self) -> None:
+        step = self._last_step
         rate = self._window_images / (time.perf_counter() - self._window_start)
         entry = {"step": step + 1, "epoch": (step + 1) / self._run.steps_per_epoch,
                  "learning_rate": float(self._run.schedule(step)), "images_per_second": rate,

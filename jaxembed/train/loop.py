@@ -117,7 +117,7 @@ def _train(run: Run, steps: Steps, state: TrainState, last_good: int | None, run
         if int(state.step) not in (last_good, start):
             manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
         manager.wait_until_finished()
-    metrics_log.progress.close()
+    metrics_log.close()
     return state, stopped_by, last_loss
 
 
