@@ -21,7 +21,8 @@ from jaxembed import templates
 def run_template(name: str, workdir: str) -> dict:
     run = runner.train(["--template", name, "--no_progress"], workdir)
     return {"template": name, "command": f"python -m jaxembed.train --template {name}", "wall_seconds": run.seconds,
-            "config": run.run_dir.record()["config"], "summary": run.summary()}
+            "config": run.run_dir.record()["config"], "summary": run.summary(),
+            **runner.loss_curve_record(run, f"demo_{name}")}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -32,9 +33,10 @@ def markdown(rows: list[dict]) -> str:
         cells.append([row["template"], c["arch"], c["image_size"], s["step"], f"{row['wall_seconds'] / 60:.1f} min",
                       number(s.get("eval/recall@1")), number(s.get("eval/pixels_recall@1")),
                       number(s.get("eval/recall@5")), number(s.get("eval/map@r")),
-                      number(s.get("eval/top1", s.get("eval/mAP")))])
+                      number(s.get("eval/top1", s.get("eval/mAP"))), runner.loss_curve_cell(row)])
     return "\n".join(runner.markdown_table(["template", "arch", "image_size", "steps", "wall time", "Recall@1",
-                                            "raw pixels Recall@1", "Recall@5", "MAP@R", "top-1 / mAP"],
+                                            "raw pixels Recall@1", "Recall@5", "MAP@R", "top-1 / mAP",
+                                            "largest step loss / window mean"],
                                            cells)) + "\n"
 
 

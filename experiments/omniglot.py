@@ -76,6 +76,7 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     embedder, outputs = runner.embed(run.workdir, test_images)
     return {"method": f"{name} ({embedder.config.arch}), {args.image_size} px", "train_minutes": run.seconds / 60,
             "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
+            **runner.loss_curve_record(run, f"omniglot_{name}_{args.image_size}_{args.num_epochs}"),
             **runner.retrieval(outputs["embedding"], runner.concept_names(test_images, outputs["index"]), **RETRIEVAL)}
 
 
@@ -122,9 +123,10 @@ def markdown(rows: list[dict]) -> str:
                          if name in holdout) or "-"
         cells.append([row["method"], f"{row['recall@1']:.3f}", f"{row['recall@5']:.3f}", f"{row['map@r']:.3f}",
                       number(row.get("one_shot_20way")), held, f"{row['train_minutes']:.1f} min",
-                      number(row.get("images_per_second"), 0)])
+                      number(row.get("images_per_second"), 0), runner.loss_curve_cell(row)])
     table = runner.markdown_table(["method", "Recall@1", "Recall@5", "MAP@R", "20-way one-shot",
-                                   "holdout (background_small1)", "train time", "images/s"], cells)
+                                   "holdout (background_small1)", "train time", "images/s",
+                                   "largest step loss / window mean"], cells)
     commands = [f"- {row['method']}: `{row['command']}`" for row in rows if row["command"] != "-"]
     caption = ("Omniglot background_small2 without the concepts background_small1 also has (Greek, Latin): "
                "106 concepts, 2,120 images, none trained on; holdout: the trainer's metrics on 5% of "

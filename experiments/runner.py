@@ -72,6 +72,25 @@ class TrainedRun:
     def images_per_second(self) -> float | None:
         return median_images_per_second(self.run_dir)
 
+    def largest_loss_spike(self) -> float | None:
+        """After the warmup, the largest ratio of a step's loss to the mean loss of its logging window
+        (`loss_max / loss` in metrics.jsonl): over 3 means a spike. None for a run that logged no
+        `loss_max` (older runs) or nothing after the warmup."""
+        warmup = self.run_dir.config().warmup_epochs
+        ratios = [r["loss_max"] / r["loss"] for r in self.run_dir.metrics()
+                  if "loss_max" in r and r.get("epoch", 0) > warmup and r["loss"] > 0]
+        return max(ratios, default=None)
+
+    def loss_curve(self, png: str) -> str:
+        """Writes the run's one-page report (loss and learning-rate curves, neighbours, PCA of its
+        held-out images) to `png`; returns `png`."""
+        from jaxembed import report
+
+        files = report.write_report(self.workdir, out_dir=os.path.join(self.workdir, "report"), max_images=300)
+        os.makedirs(os.path.dirname(png), exist_ok=True)
+        shutil.copyfile(files.png, png)
+        return png
+
 
 def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> TrainedRun:
     """Runs `python -m jaxembed.train FLAGS --workdir WORKDIR` from scratch in a subprocess.
@@ -99,6 +118,23 @@ def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> Tra
         raise RuntimeError(f"{shlex.join(command)} failed (exit status {result.returncode}); end of "
                            f"{log_path}:\n{tail}")
     return TrainedRun(command=shlex.join(command), workdir=workdir, seconds=seconds)
+
+
+RESULTS = os.path.join(REPO, "experiments", "results")
+
+
+def loss_curve_record(run: TrainedRun, name: str) -> dict:
+    """The run's report page as `experiments/results/curves/<name>.png`, and its largest loss spike:
+    `{"loss_curve": path relative to experiments/results, "largest_loss_spike": ratio or None}`."""
+    png = run.loss_curve(os.path.join(RESULTS, "curves", f"{name}.png"))
+    return {"loss_curve": os.path.relpath(png, RESULTS), "largest_loss_spike": run.largest_loss_spike()}
+
+
+def loss_curve_cell(row: dict) -> str:
+    """A table cell: the largest step loss over its window's mean after warmup, linked to the curves."""
+    spike = row.get("largest_loss_spike")
+    text = "-" if spike is None else f"{spike:.1f}x"
+    return f"[{text}]({row['loss_curve']})" if row.get("loss_curve") else text
 
 
 def median_images_per_second(run_dir) -> float | None:

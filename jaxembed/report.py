@@ -151,7 +151,11 @@ def _plot_curves(ax_loss, ax_lr, records: list[dict], steps_per_epoch: int | Non
             ax.text(0.5, 0.5, "nothing logged in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
             continue
         x, y = np.asarray(points, np.float64).T
-        ax.plot(x, y, color=colour, lw=1.5, marker="o" if len(x) <= 30 else None, ms=3)
+        ax.plot(x, y, color=colour, lw=1.5, marker="o" if len(x) <= 30 else None, ms=3,
+                label="mean over the logging window")
+        if key == "loss" and all("loss_max" in r for r in steps):  # the largest step loss of each window
+            ax.plot(x, [r["loss_max"] for r in steps], color=colour, lw=0.8, alpha=0.4, label="largest step")
+            ax.legend(fontsize=8, loc="upper right")
         if key == "learning_rate" and y.min() > 0 and y.max() / y.min() > 10:
             ax.set_yscale("log")  # step decays by 10x are straight stairs on a log axis
         if steps_per_epoch and x.max() / steps_per_epoch <= 40:

@@ -371,6 +371,8 @@ def test_logged_loss_is_the_mean_over_the_window(tmp_path):
     assert [(r["step"], r["window_steps"]) for r in per_three_logged] == [(3, 3), (4, 1)]
     assert [r["loss"] for r in per_three_logged] == pytest.approx([np.mean(losses_each[:3]), losses_each[3]],
                                                                   rel=1e-6)
+    assert [r["loss_max"] for r in per_three_logged] == pytest.approx([max(losses_each[:3]), losses_each[3]],
+                                                                      rel=1e-6)
     # TensorBoard's event file beside metrics.jsonl holds the same numbers.
     assert _tensorboard_scalars(str(tmp_path / "two"), "loss") == pytest.approx(
         {r["step"]: r["loss"] for r in logged}, rel=1e-6)

@@ -86,7 +86,7 @@ class MetricsLog:
     """Writes the mean of each window of `log_every` steps' metrics to metrics.jsonl and the progress bar.
 
     A window's mean, not its last step's value: one batch's loss is noise, and a spike between two
-    logged steps would go unseen. The loop hands over each step's metrics one step late (`record`),
+    logged steps would go unseen; `loss_max`, the window's largest step loss, shows such a spike. The loop hands over each step's metrics one step late (`record`),
     so reading them never waits for the devices to finish the step just dispatched.
     """
 
@@ -94,7 +94,7 @@ class MetricsLog:
         self._run_dir, self._run = run_dir, run
         self._window_start, self._window_images = time.perf_counter(), 0
         self._window_sums: dict[str, float] = {}
-        self._window_steps, self._last_step = 0, start - 1
+        self._window_steps, self._last_step, self._window_max_loss = 0, start - 1, -math.inf
         self.progress = tqdm(total=end, initial=start, desc=f"{run.config.template.name} step", unit="step",
                              disable=not run.config.progress or jax.process_index() != 0, dynamic_ncols=True)
 
@@ -105,6 +105,7 @@ class MetricsLog:
         self._last_step = step
         for name, value in metrics.items():
             self._window_sums[name] = self._window_sums.get(name, 0.0) + float(value)
+        self._window_max_loss = max(self._window_max_loss, float(metrics["loss"]))
         if (step + 1) % self._run.config.log_every == 0:
             self._write_window()
 
@@ -121,9 +122,10 @@ class MetricsLog:
         entry = {"step": step + 1, "epoch": (step + 1) / self._run.steps_per_epoch,
                  "learning_rate": float(self._run.schedule(step)), "images_per_second": rate,
                  "window_steps": self._window_steps,
-                 **{name: total / self._window_steps for name, total in self._window_sums.items()}}
+                 **{name: total / self._window_steps for name, total in self._window_sums.items()},
+                 "loss_max": self._window_max_loss}
         self._run_dir.append_metrics(entry)
         self.progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.3g}",
                                   img_s=f"{rate:.1f}", refresh=False)
         self._window_start, self._window_images = time.perf_counter(), 0
-        self._window_sums, self._window_steps = {}, 0
+        self._window_sums, self._window_steps, self._window_max_loss = {}, 0, -math.inf
