@@ -67,9 +67,25 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
     results = experiment_script.EXPERIMENTS / "results" / "omniglot.json"
     rows = json.loads(results.read_text())
     assert script.markdown(rows) == results.with_suffix(".md").read_text()
-    defaults = argparse.Namespace(image_size=48, num_epochs=10, batch_size=32)
+    defaults = argparse.Namespace(image_size=32, num_epochs=5, batch_size=32)
     for row in rows:
         if row["command"] != "-":
             name = row["method"].split(" ")[0]
-            flags = script.train_flags(name, defaults, "/tmp/jaxembed-omniglot/images_background_small1")
+            flags = script.train_flags(name, defaults, "/tmp/jaxembed-omniglot/images_background_small1_rot4")
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
+
+
+def test_rotated_copies_are_new_concepts_turned_exactly(script, tmp_path):
+    pixels = np.arange(6 * 6, dtype=np.uint8).reshape(6, 6) * 7  # no symmetry: every turn is another image
+    folder = tmp_path / "train" / "Alphabet" / "character01"
+    folder.mkdir(parents=True)
+    Image.fromarray(pixels).save(folder / "0001_01.png")
+    rotated = script.with_rotations(str(tmp_path / "train"), 4)
+    images = data_lib.load_source(rotated)
+    assert sorted(images.concepts) == ["Alphabet/character01", "Alphabet/character01_r180",
+                                       "Alphabet/character01_r270", "Alphabet/character01_r90"]
+    for degrees in (0, 90, 180, 270):
+        name = "character01" if degrees == 0 else f"character01_r{degrees}"
+        turned = np.asarray(Image.open(os.path.join(rotated, "Alphabet", name, "0001_01.png")))
+        np.testing.assert_array_equal(turned, np.rot90(pixels, degrees // 90))  # counter-clockwise, as rot90
+    assert script.with_rotations(str(tmp_path / "train"), 1) == str(tmp_path / "train")
