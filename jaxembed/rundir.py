@@ -226,8 +226,8 @@ class RunDir:
 
     def variables(self, step: int | None = None) -> tuple[dict, int]:
         """`({"params", "batch_stats"}, step)` of the newest checkpoint (or `step`) on one local device,
-        whatever device layout wrote it; ArcFace centres without the columns that padded them for
-        model parallelism.
+        whatever device layout wrote it; for a run with `ema_decay`, its moving average of the weights;
+        ArcFace centres without the columns that padded them for model parallelism.
 
         Safe while the run trains: the newest checkpoint can be deleted by the trainer (it keeps
         `keep_checkpoints`) while it is being read; then the newest one is read again.
