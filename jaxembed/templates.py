@@ -303,7 +303,7 @@ RUN_OPTIONS = _hparams(
            "photos, characters) or pad (shifts of up to crop_padding pixels at full scale; 28-32 px images such "
            "as Fashion-MNIST or CIFAR)", choices=("resized", "pad")),  # data.transforms.CROPS (importing it loads TF)
     HParam("crop_padding", int, 4, 0, None, 1, "crop=pad: border pixels repeated on each side before the random crop"),
-    HParam("random_erasing", float, 0.0, 0.0, 1.0, None, "chance that a random rectangle (2-33% of the image) of "
+    HParam("random_erasing", float, 0.0, 0.0, 1.0, None, "chance that a random rectangle (2 to 33 percent of the image) of "
            "a training image is replaced by grey (Zhong et al. 2017; 0.25-0.5 against overfitting on long runs)"),
     HParam("flip", bool, False, help="random horizontal flips: on for photos and products, off for characters and "
            "digits (a mirrored glyph is another concept)"),
