@@ -56,9 +56,6 @@ def extract(split: str, root: str) -> str:
     return folder
 
 
-_TURNS = {90: 2, 180: 3, 270: 4}  # PIL.Image.Transpose.ROTATE_90/180/270 (counter-clockwise, exact)
-
-
 def with_rotations(folder: str, rotations: int) -> str:
     """`folder` (concept folders `Alphabet/characterNN/`) plus each character turned by every multiple of
     360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, written once next to it as
@@ -82,7 +79,8 @@ def with_rotations(folder: str, rotations: int) -> str:
                 os.makedirs(os.path.join(target, alphabet, name))
                 for drawing in sorted(os.listdir(source)):
                     with Image.open(os.path.join(source, drawing)) as image:
-                        turned = image.transpose(_TURNS[degrees]) if degrees else image
+                        # Counter-clockwise, exact (a transpose, no resampling).
+                        turned = image.transpose(Image.Transpose[f"ROTATE_{degrees}"]) if degrees else image
                         turned.save(os.path.join(target, alphabet, name, drawing))
     with open(marker, "w") as f:
         f.write("done\n")
