@@ -67,11 +67,14 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
     results = experiment_script.EXPERIMENTS / "results" / "omniglot.json"
     rows = json.loads(results.read_text())
     assert script.markdown(rows) == results.with_suffix(".md").read_text()
-    defaults = argparse.Namespace(image_size=32, num_epochs=5, batch_size=32)
+    defaults = dict(image_size=32, num_epochs=5, batch_size=32, stem=script.DEFAULT_STEM, rotations=4)
     for row in rows:
         if row["command"] != "-":
             name = row["method"].split(" ")[0]
-            flags = script.train_flags(name, defaults, "/tmp/jaxembed-omniglot/images_background_small1_rot4")
+            args = argparse.Namespace(**{**defaults, **row.get("script_args", {})})
+            folder = "/tmp/jaxembed-omniglot/images_background_small1" + (
+                f"_rot{args.rotations}" if args.rotations > 1 else "")
+            flags = script.train_flags(name, args, folder)
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
 
 
