@@ -30,6 +30,7 @@ import tempfile
 import zipfile
 
 import runner  # experiments/runner.py: this script's folder is on sys.path
+from jaxembed.models.stems import STEMS
 
 SHARED = os.path.join(runner.REPO, "..", "shared", "datasets", "omniglot")
 # Leave-one-out retrieval and 20-way one-shot episodes within an alphabet, the same for every row.
@@ -58,6 +59,11 @@ def extract(split: str, root: str) -> str:
     return folder
 
 
+def rotated_folder(folder: str, rotations: int) -> str:
+    """Where `with_rotations` writes `folder` with its turned copies (`folder` itself for 1 rotation)."""
+    return folder if rotations == 1 else f"{folder}_rot{rotations}"
+
+
 def with_rotations(folder: str, rotations: int) -> str:
     """`folder` (concept folders `Alphabet/characterNN/`) plus each character turned by every multiple of
     360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, written once next to it as
@@ -68,7 +74,7 @@ def with_rotations(folder: str, rotations: int) -> str:
         return folder
     if rotations not in (2, 4):
         raise ValueError(f"rotations={rotations}: expected 1, 2 or 4 (turns by multiples of 90 degrees)")
-    target = f"{folder}_rot{rotations}"
+    target = rotated_folder(folder, rotations)
     marker = os.path.join(target, ".complete")
     if os.path.exists(marker):
         return target
@@ -118,13 +124,14 @@ def train_flags(name: str, args, train_folder: str) -> list[str]:
 
 def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     """Trains a template from scratch and scores its embeddings of the unseen concepts."""
-    stem = "" if args.stem == DEFAULT_STEM else f"_{args.stem}"
-    label = f"{name}_{args.image_size}px{stem}_{args.num_epochs}ep_rot{args.rotations}"
+    other_stem = args.stem != DEFAULT_STEM
+    label = f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
     turns = f", {args.rotations} rotations as concepts" if args.rotations > 1 else ""
-    stem = "" if args.stem == DEFAULT_STEM else f", {args.stem} stem"
-    return {"method": f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}", "train_minutes": run.seconds / 60,
+    stem = f", {args.stem} stem" if other_stem else ""
+    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}"
+    return {"method": method, "train_minutes": run.seconds / 60,
             "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
             "script_args": {key: getattr(args, key) for key in SCRIPT_ARGS},
             **runner.loss_curve_record(run, f"omniglot_{label}"),
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
                         help="train on each character turned this many ways, each turn a concept of its own")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--stem", default=DEFAULT_STEM, choices=("imagenet", "small", "small_s2"),
+    parser.add_argument("--stem", default=DEFAULT_STEM, choices=STEMS,
                         help="the backbone stem (imagenet: 4x cheaper than small_s2, so 4x the epochs per minute)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"))
     parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "omniglot.json"))

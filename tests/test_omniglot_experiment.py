@@ -72,8 +72,7 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
         if row["command"] != "-":
             name = row["method"].split(" ")[0]
             args = argparse.Namespace(**{**defaults, **row.get("script_args", {})})
-            folder = "/tmp/jaxembed-omniglot/images_background_small1" + (
-                f"_rot{args.rotations}" if args.rotations > 1 else "")
+            folder = script.rotated_folder("/tmp/jaxembed-omniglot/images_background_small1", args.rotations)
             flags = script.train_flags(name, args, folder)
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
 
