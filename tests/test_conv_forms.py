@@ -85,7 +85,8 @@ def _random_variables(abstract, seed=0):
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
-@pytest.mark.parametrize("constructor", [resnet.ResNeXt50_32x4d, inception_bn.InceptionBN], ids=["resnext50", "inception_bn"])
+@pytest.mark.parametrize("constructor", [resnet.ResNeXt50_32x4d, resnet.ResNet50, inception_bn.InceptionBN],
+                         ids=["resnext50", "resnet50", "inception_bn"])
 def test_networks_are_the_same_function_with_either_implementation(constructor):
     """Whole-network values in train mode; the gradients are compared block by block (below).
 
@@ -110,16 +111,20 @@ def test_networks_are_the_same_function_with_either_implementation(constructor):
     np.testing.assert_allclose(split_out, native_out, rtol=1e-9, atol=1e-12)
 
 
-# Blocks of the two networks, as built there, whose convolutions take every form and configuration the
-# networks use but the 7x7 stem (which both implementations hand to XLA unchanged): 1x1 (stride 1 and 2,
-# with and without bias) and 3x3 (stride 1 and 2; 32 groups of 4 and of 8 channels, and ungrouped).
+# Blocks of the networks, as built there, whose convolutions take every form and configuration the
+# networks use but the 7x7 stem (handed to XLA unchanged at any useful input size): 1x1 (stride 1 and 2,
+# with and without bias) and 3x3 (stride 1 and 2; 32 groups of 4 and of 8 channels, and ungrouped), on
+# outputs larger than SMALL_OUTPUT_SIDE (XLA's convolution) and not (the matrix product).
 # Input (side, channels): the block's channels; a small odd side, so that stride 2 meets an edge.
 _INCEPTION_SPECS = dict(inception_bn.INCEPTION_BLOCKS)
 BLOCKS = {
     "resnext50_stage1_block1": (resnet.Bottleneck, dict(planes=64, groups=32, base_width=4), (5, 256)),
     "resnext50_stage2_block0": (resnet.Bottleneck, dict(planes=128, stride=2, groups=32, base_width=4), (5, 256)),
+    "resnet50_stage3_block0": (resnet.Bottleneck, dict(planes=256, stride=2), (3, 512)),
+    "resnet50_stage4_block1": (resnet.Bottleneck, dict(planes=512), (1, 2048)),
     "inception_3a": (inception_bn.InceptionBlock, dict(spec=_INCEPTION_SPECS["inception_3a"]), (5, 192)),
     "inception_3c": (inception_bn.InceptionBlock, dict(spec=_INCEPTION_SPECS["inception_3c"]), (5, 320)),
+    "inception_5a": (inception_bn.InceptionBlock, dict(spec=_INCEPTION_SPECS["inception_5a"]), (2, 1024)),
 }
 
 
@@ -152,13 +157,13 @@ def test_blocks_have_the_same_values_and_gradients_with_either_implementation(bl
 
 
 def test_auto_uses_the_cpu_forms_on_cpu_only():
-    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.split_grouped_conv
-    assert conv_forms.select("auto", backend="cpu") is conv_forms.pointwise_conv_as_matmul
+    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.cpu_conv
+    assert conv_forms.select("auto", backend="cpu") is conv_forms.cpu_conv
     for backend in ("gpu", "tpu"):
         assert conv_forms.select("auto", groups=32, backend=backend) is None
         assert conv_forms.select("auto", backend=backend) is None
     assert conv_forms.select("native", groups=32, backend="cpu") is None
-    assert conv_forms.select("cpu", backend="tpu") is conv_forms.pointwise_conv_as_matmul
+    assert conv_forms.select("cpu", backend="tpu") is conv_forms.cpu_conv
 
 
 def test_unknown_implementation_is_named():
@@ -166,49 +171,57 @@ def test_unknown_implementation_is_named():
         conv_forms.select("fast")
 
 
-@pytest.mark.parametrize("stride", [1, 2])
+# (kernel, stride, padding, dilation): 1x1 with stride, 3x3 with symmetric, asymmetric, negative and
+# string padding, the 7x7 stem, a dilated 3x3 and a 2x3 kernel.
+MATMUL_CASES = [
+    (1, 1, ((0, 0), (0, 0)), 1), (1, 2, ((0, 0), (0, 0)), 1), (3, 1, ((1, 1), (1, 1)), 1),
+    (3, 2, ((1, 1), (1, 1)), 1), (3, 2, ((2, 0), (0, 1)), 1), (3, 1, ((-1, 1), (1, 0)), 1), (3, 2, "SAME", 1),
+    (3, 1, "VALID", 1), (7, 2, ((3, 3), (3, 3)), 1), (3, 1, ((2, 2), (2, 2)), 2), ((2, 3), 1, ((1, 0), (1, 1)), 1),
+]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, dilation", MATMUL_CASES)
 @pytest.mark.parametrize("layout", [("NHWC", "HWIO", "NHWC"), ("NCHW", "OIHW", "NCHW"), ("NHWC", "OIHW", "NCHW")])
-def test_pointwise_as_matmul_equals_the_convolution(stride, layout):
-    rng = np.random.default_rng(stride)
+def test_conv_as_matmul_equals_the_convolution(kernel, stride, padding, dilation, layout):
+    """Values, input and kernel gradients against XLA's convolution, in float64 (no rounding to hide in)."""
+    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
+    rng = np.random.default_rng(kernel_h * 10 + stride)
     lhs_layout, rhs_layout, _ = layout
-    x = rng.standard_normal((2, 7, 6, 5)).astype(np.float32)  # NHWC
-    w = rng.standard_normal((1, 1, 5, 3)).astype(np.float32)  # HWIO
-    x = x.transpose([("NHWC").index(axis) for axis in lhs_layout])
-    w = w.transpose([("HWIO").index(axis) for axis in rhs_layout])
-    args = ((stride, stride), ((0, 0), (0, 0)), None, None, layout)
-    expected_shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, *args), x, w).shape
-    cotangent = rng.standard_normal(expected_shape).astype(np.float32)
+    with jax.enable_x64(True):
+        x = rng.standard_normal((2, 9, 8, 5)).transpose([("NHWC").index(axis) for axis in lhs_layout])
+        w = rng.standard_normal((kernel_h, kernel_w, 5, 3)).transpose([("HWIO").index(axis) for axis in rhs_layout])
+        args = ((stride, stride), padding, None, (dilation, dilation), layout)
+        expected_shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, *args), x, w).shape
+        cotangent = rng.standard_normal(expected_shape)
 
-    def values_and_gradients(x, w, cotangent):
-        return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
-                for f in (lax.conv_general_dilated, conv_forms.pointwise_conv_as_matmul)]
+        def values_and_gradients(x, w, cotangent):
+            return [(f(x, w, *args), jax.grad(lambda x, w: jnp.vdot(f(x, w, *args), cotangent), argnums=(0, 1))(x, w))
+                    for f in (lax.conv_general_dilated, conv_forms.conv_as_matmul)]
 
-    (expected, native_grads), (actual, matmul_grads) = tiny.compile_quickly(values_and_gradients, x, w, cotangent)(
-        x, w, cotangent
-    )
+        (expected, native_grads), (actual, matmul_grads) = tiny.compile_quickly(
+            values_and_gradients, x, w, cotangent)(x, w, cotangent)
     assert actual.shape == expected.shape == expected_shape
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-12)
     for native, matmul in zip(native_grads, matmul_grads):
-        np.testing.assert_allclose(matmul, native, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(matmul, native, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("kernel, padding", [(3, ((1, 1), (1, 1))), (1, ((1, 0), (0, 0))), (1, "SAME")])
-def test_pointwise_form_passes_other_convolutions_to_xla(kernel, padding):
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 4)), jnp.float32)
-    w = jnp.ones((kernel, kernel, 4, 2))
-    args = ((1, 1), padding, None, None, ("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(conv_forms.pointwise_conv_as_matmul(x, w, *args),
-                               lax.conv_general_dilated(x, w, *args), rtol=1e-6)
-    text = jax.jit(lambda x, w: conv_forms.pointwise_conv_as_matmul(x, w, *args)).lower(x, w).as_text()
-    assert "stablehlo.convolution" in text
+def _stablehlo(conv, side, kernel, groups=1) -> str:
+    x, w = jnp.ones((2, side, side, 8)), jnp.ones((kernel, kernel, 8 // groups, 8))
+    args = ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"))
+    grad = jax.grad(lambda x, w: jnp.sum(conv(x, w, *args, feature_group_count=groups)), argnums=(0, 1))
+    return jax.jit(grad).lower(x, w).as_text()
 
 
-def test_pointwise_form_is_a_dot_not_a_convolution():
-    x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((1, 1, 16, 32))
-    args = ((2, 2), ((0, 0), (0, 0)), None, None, ("NHWC", "HWIO", "NHWC"))
-    text = jax.jit(jax.grad(lambda w: jnp.sum(conv_forms.pointwise_conv_as_matmul(x, w, *args)))).lower(w).as_text()
-    assert "stablehlo.convolution" not in text
-    assert "stablehlo.dot_general" in text
+@pytest.mark.parametrize("side, kernel, uses_matmul", [
+    (8, 1, True), (3, 1, True), (conv_forms.SMALL_OUTPUT_SIDE, 3, True), (1, 3, True),
+    (conv_forms.SMALL_OUTPUT_SIDE + 1, 3, False), (8, 3, False)])
+def test_cpu_conv_picks_the_matmul_for_1x1_kernels_and_small_outputs(side, kernel, uses_matmul):
+    """XLA:CPU's 3x3 convolution and its gradients are 3-50x slower than the matmul on 1x1 and 2x2 outputs
+    with 128-1024 channels, and as fast or faster from 4x4 up (experiments/conv_forms_speed.py)."""
+    text = _stablehlo(conv_forms.cpu_conv, side, kernel)
+    assert ("stablehlo.convolution" not in text) == uses_matmul
+    assert ("stablehlo.dot_general" in text) == uses_matmul
 
 
 def _kernel_grad_stablehlo(conv) -> str:
