@@ -1,13 +1,16 @@
 """Convolutions on XLA:CPU: XLA's native forms against jaxembed's CPU forms, in one process.
 
-    python experiments/conv_forms_speed.py [--image_size 64] [--batch_size 8]
+    python experiments/conv_forms_speed.py [--image_size 32] [--batch_size 128] [--repeats 3]
 
 1. Each ResNeXt-50 32x4d grouped 3x3 layer shape alone (batch, 56/28/14/7 px, 32 groups): forward,
    input-gradient and kernel-gradient milliseconds, native `lax.conv_general_dilated` against
-   `conv_forms.split_grouped_conv` (one conv per group).
-2. The whole ResNet-50 and ResNeXt-50 32x4d train-mode gradient and eval forward at --image_size, with
-   conv_impl="native" (XLA's convolutions, what jaxembed did before) against "cpu" (the CPU default:
-   this grouped form, and 1x1 convolutions as matrix products), with compile times.
+   `conv_forms.split_grouped_conv` (one conv per group), batch 8.
+2. Each ResNet-50 dense 3x3 layer shape alone, at 224 px (batch 8: 56/28/14/7 px maps) and at 32 px
+   with the ImageNet stem (batch 128: 8/4/2/1 px maps): the same times, native against
+   `conv_forms.conv_as_matmul` (im2col), which `cpu_conv` uses on outputs of at most 2x2.
+3. The whole ResNet-50, ResNeXt-50 32x4d and BN-Inception train-mode gradient and eval forward at
+   --image_size, with conv_impl="native" (XLA's convolutions) against "cpu" (the CPU default,
+   `conv_forms.cpu_conv`), with compile times.
 Times are the best of --repeats calls. Writes experiments/results/conv_forms_speed.{md,json}.
 """
 
@@ -23,15 +26,20 @@ import numpy as np
 import runner  # experiments/runner.py: this script's folder is on sys.path
 from jax import lax
 
-from jaxembed.models import conv_forms, resnet
+from jaxembed.models import conv_forms, inception_bn, resnet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (spatial size, channels) of the grouped 3x3 convs of ResNeXt-50 32x4d at 224 px, one per stage.
-LAYER_SHAPES = ((56, 128), (28, 256), (14, 512), (7, 1024))
+# (batch, spatial size, channels) of the grouped 3x3 convs of ResNeXt-50 32x4d at 224 px, one per stage.
+LAYER_SHAPES = ((8, 56, 128), (8, 28, 256), (8, 14, 512), (8, 7, 1024))
 GROUPS = 32
 FORMS = {"native": lax.conv_general_dilated, "cpu": conv_forms.split_grouped_conv}
+# (batch, spatial size, channels) of ResNet-50's dense 3x3 convs, one per stage, at 224 and at 32 px.
+DENSE_LAYER_SHAPES = ((8, 56, 64), (8, 28, 128), (8, 14, 256), (8, 7, 512),
+                      (128, 8, 64), (128, 4, 128), (128, 2, 256), (128, 1, 512))
+DENSE_FORMS = {"native": lax.conv_general_dilated, "matmul": conv_forms.conv_as_matmul}
 NETWORK_IMPLS = ("native", "cpu")
-NETWORKS = {"resnet50": resnet.ResNet50, "resnext50_32x4d": resnet.ResNeXt50_32x4d}
+NETWORKS = {"resnet50": resnet.ResNet50, "resnext50_32x4d": resnet.ResNeXt50_32x4d,
+            "inception_bn": inception_bn.InceptionBN}
 
 
 def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -40,26 +48,41 @@ def best_seconds(fn, *args, repeats: int) -> tuple[float, float]:
     return first, min(later)
 
 
-def layer_rows(batch_size: int, repeats: int) -> list[dict]:
+def layer_times(conv, x, w, groups: int, repeats: int) -> dict:
+    """Best forward, forward + input-gradient and forward + kernel-gradient milliseconds of a 3x3 layer."""
+    def apply(x, w):
+        return conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                    feature_group_count=groups)
+
+    def loss(x, w):
+        return jnp.sum(apply(x, w) ** 2)
+
+    return {label: 1000 * best_seconds(jax.jit(fn), x, w, repeats=repeats)[1]
+            for label, fn in (("forward_ms", apply), ("input_grad_ms", jax.grad(loss, 0)),
+                              ("kernel_grad_ms", jax.grad(loss, 1)))}
+
+
+def layer_rows(repeats: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    for size, channels in LAYER_SHAPES:
+    for batch_size, size, channels in LAYER_SHAPES:
         x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
         w = jnp.asarray(rng.standard_normal((3, 3, channels // GROUPS, channels), np.float32) * 0.05)
-        row = {"shape": f"{batch_size}x{size}x{size}x{channels}"}
-        for name, conv in FORMS.items():
-            def apply(x, w, conv=conv):
-                return conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                            feature_group_count=GROUPS)
+        row = {"shape": f"{batch_size}x{size}x{size}x{channels}",
+               **{name: layer_times(conv, x, w, GROUPS, repeats) for name, conv in FORMS.items()}}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
-            def loss(x, w, apply=apply):
-                return jnp.sum(apply(x, w) ** 2)
 
-            row[name] = {
-                label: 1000 * best_seconds(jax.jit(fn), x, w, repeats=repeats)[1]
-                for label, fn in (("forward_ms", apply), ("input_grad_ms", jax.grad(loss, 0)),
-                                  ("kernel_grad_ms", jax.grad(loss, 1)))
-            }
+def dense_layer_rows(repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch_size, size, channels in DENSE_LAYER_SHAPES:
+        x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
+        w = jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * 0.05)
+        row = {"shape": f"{batch_size}x{size}x{size}x{channels}",
+               **{name: layer_times(conv, x, w, 1, repeats) for name, conv in DENSE_FORMS.items()}}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -87,11 +110,18 @@ def network_rows(image_size: int, batch_size: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(report: dict) -> str:
-    lines = [f"`{report['command']}`", "", *runner.markdown_table(
-        ["layer (NHWC, 32 groups)", "form", "forward ms", "forward + input grad ms", "forward + kernel grad ms"],
+def layer_table(title: str, rows: list[dict], forms) -> list[str]:
+    return runner.markdown_table(
+        [title, "form", "forward ms", "forward + input grad ms", "forward + kernel grad ms"],
         [[row["shape"], name, f"{row[name]['forward_ms']:.1f}", f"{row[name]['input_grad_ms']:.1f}",
-          f"{row[name]['kernel_grad_ms']:.1f}"] for row in report["layers"] for name in FORMS])]
+          f"{row[name]['kernel_grad_ms']:.1f}"] for row in rows for name in forms])
+
+
+def markdown(report: dict) -> str:
+    lines = [f"`{report['command']}`", "", *layer_table("layer (NHWC, 32 groups)", report["layers"], FORMS), "",
+             "ResNet-50's dense 3x3 layers (`cpu_conv` takes the matmul on outputs of at most "
+             f"{conv_forms.SMALL_OUTPUT_SIDE}x{conv_forms.SMALL_OUTPUT_SIDE}):", "",
+             *layer_table("layer (NHWC)", report["dense_layers"], DENSE_FORMS)]
     lines += ["", f"Whole networks, {report['image_size']} px, batch {report['batch_size']}:", "", *runner.markdown_table(
         ["arch", "conv_impl", "train-mode gradient images/s", "forward images/s", "compile+first (train / forward) s"],
         [[row["arch"], row["conv_impl"], f"{row['train_grad_images_per_s']:.2f}", f"{row['forward_images_per_s']:.1f}",
@@ -102,8 +132,8 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=32, help="of the whole-network rows")
+    parser.add_argument("--batch_size", type=int, default=128, help="of the whole-network rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "conv_forms_speed"))
     args = parser.parse_args()
@@ -111,7 +141,8 @@ def main() -> None:
         "command": "python experiments/conv_forms_speed.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "image_size": args.image_size, "batch_size": args.batch_size, "backend": jax.default_backend(),
-        "layers": layer_rows(args.batch_size, args.repeats),
+        "layers": layer_rows(args.repeats),
+        "dense_layers": dense_layer_rows(args.repeats),
         "network": network_rows(args.image_size, args.batch_size, args.repeats),
     }
     table = markdown(report)
