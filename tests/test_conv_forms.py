@@ -157,12 +157,10 @@ def test_blocks_have_the_same_values_and_gradients_with_either_implementation(bl
 
 
 def test_auto_uses_the_cpu_forms_on_cpu_only():
-    assert conv_forms.select("auto", groups=32, backend="cpu") is conv_forms.cpu_conv
     assert conv_forms.select("auto", backend="cpu") is conv_forms.cpu_conv
     for backend in ("gpu", "tpu"):
-        assert conv_forms.select("auto", groups=32, backend=backend) is None
         assert conv_forms.select("auto", backend=backend) is None
-    assert conv_forms.select("native", groups=32, backend="cpu") is None
+    assert conv_forms.select("native", backend="cpu") is None
     assert conv_forms.select("cpu", backend="tpu") is conv_forms.cpu_conv
 
 

@@ -68,7 +68,7 @@ def _conv(
         strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
         feature_group_count=groups,
-        conv_general_dilated=conv_forms.select(conv_impl, groups=groups),
+        conv_general_dilated=conv_forms.select(conv_impl),
         use_bias=False,
         kernel_init=_conv_init,
         dtype=dtype,
