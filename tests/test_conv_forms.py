@@ -222,6 +222,20 @@ def test_cpu_conv_picks_the_matmul_for_1x1_kernels_and_small_outputs(side, kerne
     assert ("stablehlo.dot_general" in text) == uses_matmul
 
 
+@pytest.mark.parametrize("kernel, stride", [(3, 1), (3, 2), (1, 2)])
+def test_cpu_conv_traces_with_symbolic_sides(kernel, stride):
+    """Shape-polymorphic tracing (jax.export; the models' size checks): a symbolic side has no size to
+    choose a form by, so a 3x3 layer takes XLA's convolution; the shape is the native one either way."""
+    from jax import export
+
+    (side,) = export.symbolic_shape("h", constraints=("h >= 1",))
+    x = jax.ShapeDtypeStruct((2, side, side, 8), jnp.float32)
+    w = jax.ShapeDtypeStruct((kernel, kernel, 8, 4), jnp.float32)
+    args = ((stride, stride), ((kernel // 2, kernel // 2),) * 2, None, None, ("NHWC", "HWIO", "NHWC"))
+    expected = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, *args), x, w)
+    assert jax.eval_shape(lambda x, w: conv_forms.cpu_conv(x, w, *args), x, w).shape == expected.shape
+
+
 def _kernel_grad_stablehlo(conv) -> str:
     x, w = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 2, 16))
     args = ((1, 1), "SAME", None, None, ("NHWC", "HWIO", "NHWC"))

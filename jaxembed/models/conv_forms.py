@@ -150,7 +150,9 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
         return split_grouped_conv(lhs, rhs, *args, feature_group_count=feature_group_count, **kwargs)
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     pointwise = all(k == 1 for k in _spatial_kernel(rhs.shape, numbers))
-    small = max(_output_sides(lhs.shape, rhs.shape, numbers, window_strides, padding, rhs_dilation)) <= SMALL_OUTPUT_SIDE
+    sides = _output_sides(lhs.shape, rhs.shape, numbers, window_strides, padding, rhs_dilation)
+    # A symbolic side (shape-polymorphic tracing, jax.export) has no size to decide by: XLA's form.
+    small = all(isinstance(side, int) for side in sides) and max(sides) <= SMALL_OUTPUT_SIDE
     if pointwise or small:
         return conv_as_matmul(lhs, rhs, *args, **kwargs)
     return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
