@@ -62,27 +62,15 @@ def layer_times(conv, x, w, groups: int, repeats: int) -> dict:
                               ("kernel_grad_ms", jax.grad(loss, 1)))}
 
 
-def layer_rows(repeats: int) -> list[dict]:
+def layer_rows(shapes, forms: dict, groups: int, repeats: int) -> list[dict]:
+    """`layer_times` of every form on 3x3 layers of `shapes` (batch, side, channels) with `groups` groups."""
     rng = np.random.default_rng(0)
     rows = []
-    for batch_size, size, channels in LAYER_SHAPES:
+    for batch_size, size, channels in shapes:
         x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
-        w = jnp.asarray(rng.standard_normal((3, 3, channels // GROUPS, channels), np.float32) * 0.05)
+        w = jnp.asarray(rng.standard_normal((3, 3, channels // groups, channels), np.float32) * 0.05)
         row = {"shape": f"{batch_size}x{size}x{size}x{channels}",
-               **{name: layer_times(conv, x, w, GROUPS, repeats) for name, conv in FORMS.items()}}
-        rows.append(row)
-        print(row, flush=True)
-    return rows
-
-
-def dense_layer_rows(repeats: int) -> list[dict]:
-    rng = np.random.default_rng(0)
-    rows = []
-    for batch_size, size, channels in DENSE_LAYER_SHAPES:
-        x = jnp.asarray(rng.standard_normal((batch_size, size, size, channels), np.float32))
-        w = jnp.asarray(rng.standard_normal((3, 3, channels, channels), np.float32) * 0.05)
-        row = {"shape": f"{batch_size}x{size}x{size}x{channels}",
-               **{name: layer_times(conv, x, w, 1, repeats) for name, conv in DENSE_FORMS.items()}}
+               **{name: layer_times(conv, x, w, groups, repeats) for name, conv in forms.items()}}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -141,8 +129,8 @@ def main() -> None:
         "command": "python experiments/conv_forms_speed.py " + " ".join(
             f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         "image_size": args.image_size, "batch_size": args.batch_size, "backend": jax.default_backend(),
-        "layers": layer_rows(args.repeats),
-        "dense_layers": dense_layer_rows(args.repeats),
+        "layers": layer_rows(LAYER_SHAPES, FORMS, GROUPS, args.repeats),
+        "dense_layers": layer_rows(DENSE_LAYER_SHAPES, DENSE_FORMS, 1, args.repeats),
         "network": network_rows(args.image_size, args.batch_size, args.repeats),
     }
     table = markdown(report)

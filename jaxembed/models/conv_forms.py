@@ -113,7 +113,8 @@ def conv_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_
     for axis, (low, high) in zip(spatial_axes, pads):
         config[axis] = (low, high, 0)
     padded = lax.pad(lhs, jnp.zeros((), lhs.dtype), config)  # negative padding crops, as in XLA
-    out_sides = _output_sides(lhs.shape, rhs.shape, numbers, window_strides, padding, rhs_dilation)
+    out_sides = [(padded.shape[axis] - (k - 1) * d - 1) // stride + 1
+                 for axis, k, d, stride in zip(spatial_axes, window, dilation, window_strides)]
     taps = []
     for offsets in itertools.product(*(range(k) for k in window)):
         start, limit, strides = [0] * lhs.ndim, list(padded.shape), [1] * lhs.ndim
