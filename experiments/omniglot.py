@@ -111,7 +111,7 @@ def baseline_row(images, image_size: int) -> dict:
 
 
 # The script's arguments a row's command depends on, kept in the row (`script_args`) to rebuild it.
-SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations")
+SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "rotation_degrees", "shear_degrees")
 
 
 def train_flags(name: str, args, train_folder: str) -> list[str]:
@@ -119,18 +119,29 @@ def train_flags(name: str, args, train_folder: str) -> list[str]:
     return ["--template", name, "--data", train_folder, "--image_size", str(args.image_size),
             "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
             "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress", *SETTINGS[name],
-            *(["--stem", args.stem] if args.stem != RECIPE_STEM else [])]  # after RECIPE's, so it wins
+            *(["--stem", args.stem] if args.stem != RECIPE_STEM else []),  # after RECIPE's, so it wins
+            *distortion_flags(args)]
+
+
+def distortion_flags(args) -> list[str]:
+    """The trainer's random rotation and shear flags of a row; none when both are 0 (rows from before)."""
+    return [flag for key in ("rotation_degrees", "shear_degrees") if getattr(args, key, 0)
+            for flag in (f"--{key}", f"{getattr(args, key):g}")]
 
 
 def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     """Trains a template from scratch and scores its embeddings of the unseen concepts."""
     other_stem = args.stem != RECIPE_STEM
-    label = f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
+    distorted = args.rotation_degrees or args.shear_degrees
+    label = (f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
+             f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}")
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
     turns = f", {args.rotations} rotations as concepts" if args.rotations > 1 else ""
     stem = f", {args.stem} stem" if other_stem else ""
-    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}"
+    affine = (f", random rotation +-{args.rotation_degrees:g} deg and shear +-{args.shear_degrees:g} deg"
+              if distorted else "")
+    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}{affine}"
     return {"method": method, "train_minutes": run.seconds / 60,
             "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
             "script_args": {key: getattr(args, key) for key in SCRIPT_ARGS},
@@ -147,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
                         help="train on each character turned this many ways, each turn a concept of its own")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--rotation_degrees", type=float, default=0.0,
+                        help="the trainer's random rotation of each training image, up to this many degrees either way")
+    parser.add_argument("--shear_degrees", type=float, default=0.0,
+                        help="the trainer's random horizontal shear, up to this many degrees either way")
     parser.add_argument("--stem", default="imagenet", choices=STEMS,
                         help="the backbone stem (imagenet: 4x cheaper than small_s2, so 4x the epochs per minute)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"))

@@ -93,7 +93,8 @@ def test_pad_crop_is_a_shift_of_the_edge_padded_image():
         assert np.array_equal(out, padded[top:top + 32, left:left + 32])
         offsets.add((left, top))
     assert len(offsets) > 60  # of the 81 shifts, 200 draws leave out ~7 on average
-    assert np.array_equal(_augment(image, [0.5] * 10, crop="pad", crop_padding=0), np.asarray(image))
+    assert np.array_equal(_augment(image, [0.5] * transforms.NUM_AUGMENT_RANDOMS, crop="pad", crop_padding=0),
+                          np.asarray(image))
 
 
 def test_random_erasing_greys_one_rectangle_of_the_allowed_size():
@@ -122,13 +123,71 @@ def test_random_erasing_greys_one_rectangle_of_the_allowed_size():
                for randoms in rng.random((20, transforms.NUM_AUGMENT_RANDOMS)))
 
 
-def test_crop_and_erasing_options_reach_the_pipeline(monkeypatch):
+def test_crop_erasing_rotation_and_shear_options_reach_the_pipeline(monkeypatch):
     assert set(templates.RUN_OPTIONS["crop"].choices) == set(transforms.CROPS)
+    assert templates.RUN_OPTIONS["shear_degrees"].maximum == transforms.MAX_SHEAR_DEGREES
     seen = {}
     monkeypatch.setattr(data_lib, "train_batches", lambda *args, **kwargs: seen.update(kwargs) or iter([]))
-    run = prepare_run(tiny.config(crop="pad", crop_padding=2, random_erasing=0.25), tiny.digits())
+    run = prepare_run(tiny.config(crop="pad", crop_padding=2, random_erasing=0.25, rotation_degrees=10,
+                                  shear_degrees=15), tiny.digits())
     loop.training_batches(run, 0)
-    assert (seen["crop"], seen["crop_padding"], seen["erase_probability"]) == ("pad", 2, 0.25)
+    assert ([seen[key] for key in ("crop", "crop_padding", "erase_probability", "rotation_degrees", "shear_degrees")]
+            == ["pad", 2, 0.25, 10, 15])
+
+
+# ----------------------------------------------------------------------------- rotation and shear
+
+
+@pytest.mark.parametrize("shape", [(7, 7, 1), (8, 8, 3), (32, 32, 3)])
+def test_quarter_turns_are_numpys_rot90(shape):
+    pixels = np.random.default_rng(4).integers(0, 256, shape, dtype=np.uint8)
+    for degrees, quarter_turns in ((90, 1), (180, 2), (-90, -1), (270, 3), (0, 0)):
+        assert np.array_equal(transforms.rotate_and_shear(pixels, degrees, 0), np.rot90(pixels, quarter_turns))
+
+
+@pytest.mark.parametrize("rotation, shear", [(0, 45), (0, -45), (90, 45), (-90, -45), (180, 45)])
+def test_a_point_moves_as_the_forward_map_says(rotation, shear):
+    # A lone bright pixel on an odd-sized image, where every pixel centre sits at whole offsets from the
+    # image centre; with tan(shear) = +-1 and quarter turns its new place is a pixel centre too.
+    for dx, dy in ((2, 3), (-3, 1), (1, -2)):
+        pixels = np.zeros((15, 15, 1), np.uint8)
+        pixels[7 + dy, 7 + dx] = 200
+        sheared_x = dx + math.tan(math.radians(shear)) * dy  # S: rows further down shift right
+        turn = math.radians(rotation)  # R: counter-clockwise on screen, y pointing down
+        new_x = round(sheared_x * math.cos(turn) + dy * math.sin(turn))
+        new_y = round(-sheared_x * math.sin(turn) + dy * math.cos(turn))
+        expected = np.zeros_like(pixels)
+        expected[7 + new_y, 7 + new_x] = 200
+        assert np.array_equal(transforms.rotate_and_shear(pixels, rotation, shear), expected), (dx, dy)
+
+
+@pytest.mark.parametrize("background", [0, 255])
+def test_uncovered_corners_get_the_border_colour(background):
+    pixels = np.full((33, 33, 3), background, np.uint8)
+    pixels[12:21, 12:21] = 255 - background  # a square in the middle, away from the turned corners
+    pixels[0, :3] = 128  # a few odd border pixels do not move the median
+    turned = transforms.rotate_and_shear(pixels, 45, 20)
+    assert np.all(turned[:2, :2] == background) and np.all(turned[-2:, -2:] == background)
+    assert np.all(turned[15:18, 15:18] == 255 - background)  # the square's centre stays where it was
+
+
+def test_augment_rotates_by_the_drawn_angle():
+    image = _noise_image(seed=5)
+    randoms = np.random.default_rng(6).random(transforms.NUM_AUGMENT_RANDOMS)
+    rotation_slot = transforms.CROP_FLIP_RANDOMS + transforms.ERASE_RANDOMS
+    plain = _augment(image, randoms)
+    for u, turns in ((0.75, 1), (0.25, -1), (1.0, 2), (0.5, 0)):  # uniform in [-180, 180]: u = 0.75 is 90
+        randoms[rotation_slot] = u
+        assert np.array_equal(_augment(image, randoms, rotation_degrees=180), np.rot90(plain, turns))
+    randoms[rotation_slot + 1] = 1.0  # the largest shear: a pixel row below the centre moves right
+    sheared = _augment(image, randoms, shear_degrees=45)
+    assert np.array_equal(sheared, transforms.rotate_and_shear(plain, 0, 45))
+
+
+@pytest.mark.parametrize("option", [{"rotation_degrees": -1}, {"rotation_degrees": 181}, {"shear_degrees": 46}])
+def test_bad_rotation_or_shear_is_refused_by_name(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        data_lib.train_batches(tiny.digits(), image_size=8, batch_size=4, seed=0, **option)
 
 
 # ----------------------------------------------------------------------------- schedule

@@ -23,8 +23,8 @@ from PIL import Image
 
 from jaxembed.data.dataset import LabelledImages
 from jaxembed.data.decode import describe_error, open_image
-from jaxembed.data.transforms import (CROP_FLIP_RANDOMS, CROPS, ERASE_RANDOMS, NUM_AUGMENT_RANDOMS, augment_for_train,
-                                      center_crop)
+from jaxembed.data.transforms import (AFFINE_RANDOMS, CROPS, CROP_FLIP_RANDOMS, ERASE_RANDOMS, MAX_SHEAR_DEGREES,
+                                      NUM_AUGMENT_RANDOMS, augment_for_train, center_crop)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ def train_batches(
     crop: str = "resized",
     crop_padding: int = 4,
     erase_probability: float = 0.0,
+    rotation_degrees: float = 0.0,
+    shear_degrees: float = 0.0,
 ) -> Iterator[Batch]:
     """Endless augmented training batches for this process, reshuffled every epoch.
 
@@ -69,8 +71,9 @@ def train_batches(
     `process_index`), cut to `steps_per_epoch(len(data), batch_size, process_count)` full batches.
     Each image gets a random-resized crop (area fraction in `crop_area`, aspect 3/4..4/3) or, with
     `crop="pad"`, a random shift of up to `crop_padding` pixels; with `flip`, a random horizontal flip
-    (off by default: a mirrored character or digit is another concept); and with `erase_probability`,
-    random erasing (`jaxembed.data.transforms.augment_for_train`).
+    (off by default: a mirrored character or digit is another concept); with `rotation_degrees` and
+    `shear_degrees`, a random rotation and shear of up to that many degrees either way; and with
+    `erase_probability`, random erasing (`jaxembed.data.transforms.augment_for_train`).
 
     `crop_area` defaults to (0.25, 1) rather than ImageNet's (0.08, 1): for embeddings the concept must
     remain recognisable in the crop, and small images (8x8 digits, 105x105 glyphs) have little to spare.
@@ -103,6 +106,9 @@ def train_batches(
     if crop not in CROPS or crop_padding < 0 or not 0 <= erase_probability <= 1:
         raise ValueError(f"crop={crop!r} (expected one of {', '.join(CROPS)}), crop_padding={crop_padding} "
                          f"(expected >= 0), erase_probability={erase_probability} (expected 0..1)")
+    if not (0 <= rotation_degrees <= 180 and 0 <= shear_degrees <= MAX_SHEAR_DEGREES):
+        raise ValueError(f"rotation_degrees={rotation_degrees} (expected 0..180) and shear_degrees={shear_degrees} "
+                         f"(expected 0..{MAX_SHEAR_DEGREES})")
     steps = steps_per_epoch(len(data), batch_size, process_count)
     if steps == 0:
         raise ValueError(
@@ -113,12 +119,13 @@ def train_batches(
     first_epoch, first_step = start_epoch + skip_batches // steps, skip_batches % steps
 
     def epoch_plan(epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
-        """The batches of `epoch`: image indices `(steps, B)` and augmentation numbers `(steps, B, 10)`."""
+        """The batches of `epoch`: image indices `(steps, B)` and augmentation numbers `(steps, B, 12)`."""
         rng = np.random.default_rng([int(seed), int(epoch), process_index])
         order = shard[rng.permutation(len(shard))[: steps * batch_size]].reshape(steps, batch_size)
         crop_flip = rng.random((steps, batch_size, CROP_FLIP_RANDOMS), dtype=np.float32)
         erasing = rng.random((steps, batch_size, ERASE_RANDOMS), dtype=np.float32)  # drawn after: see transforms
-        randoms = np.concatenate([crop_flip, erasing], axis=-1)
+        affine = rng.random((steps, batch_size, AFFINE_RANDOMS), dtype=np.float32)
+        randoms = np.concatenate([crop_flip, erasing, affine], axis=-1)
         first = first_step if epoch == first_epoch else 0
         return order[first:], randoms[first:]
 
@@ -130,7 +137,8 @@ def train_batches(
 
     def load(image: Image.Image, randoms: np.ndarray) -> np.ndarray:
         return augment_for_train(image, image_size, randoms, crop_area=crop_area, flip=flip, crop=crop,
-                                 crop_padding=crop_padding, erase_probability=erase_probability)
+                                 crop_padding=crop_padding, erase_probability=erase_probability,
+                                 rotation_degrees=rotation_degrees, shear_degrees=shear_degrees)
 
     planned_batches = tf.data.Dataset.counter(first_epoch).map(plan_in_tf).unbatch()
     # Large JPEGs are decoded at a reduced scale, as long as the smallest crop keeps its full resolution.

@@ -21,12 +21,16 @@ _RESAMPLE = Image.Resampling.BILINEAR
 # Random-resized-crop aspect ratios (width / height), the standard Inception range.
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
-# Uniform random numbers `augment_for_train` consumes per image: five for the crop and the flip, then
-# five for random erasing (drawn after them, so adding erasing left every run's crops and flips as they were).
-CROP_FLIP_RANDOMS, ERASE_RANDOMS = 5, 5
-NUM_AUGMENT_RANDOMS = CROP_FLIP_RANDOMS + ERASE_RANDOMS
+# Uniform random numbers `augment_for_train` consumes per image: five for the crop and the flip, five
+# for random erasing, then two for the rotation and shear. Each group is drawn after the ones before it,
+# so adding one left every earlier run's crops, flips and rectangles as they were.
+CROP_FLIP_RANDOMS, ERASE_RANDOMS, AFFINE_RANDOMS = 5, 5, 2
+NUM_AUGMENT_RANDOMS = CROP_FLIP_RANDOMS + ERASE_RANDOMS + AFFINE_RANDOMS
 
 CROPS = ("resized", "pad")
+
+# Shears up to this many degrees either way (tan grows without bound towards 90).
+MAX_SHEAR_DEGREES = 45.0
 
 # Random erasing (Zhong et al., 2017): the erased rectangle covers 2%-33% of the image, with a
 # log-uniform aspect ratio in [0.3, 3.3], filled with mid-grey, which normalisation (ImageNet mean
@@ -76,26 +80,32 @@ def augment_for_train(
     crop: str = "resized",
     crop_padding: int = 4,
     erase_probability: float = 0.0,
+    rotation_degrees: float = 0.0,
+    shear_degrees: float = 0.0,
 ) -> np.ndarray:
-    """A random crop to an `image_size` square, a random horizontal flip, then random erasing.
+    """A random crop to an `image_size` square, a random rotation and shear, a random horizontal flip,
+    then random erasing.
 
     `crop="resized"`: a random-resized crop covering a fraction of the image area drawn uniformly from
     `crop_area`, with a log-uniform aspect ratio in [3/4, 4/3], at a uniform position; where that box
     would leave the image it is clipped to the image, so there is no rejection loop and the result is a
     pure function of `randoms`. `crop="pad"`: the evaluation view (`center_crop`), its border pixels
     repeated `crop_padding` times on every side, cropped back to `image_size` at a uniform offset: shifts
-    of up to `crop_padding` pixels at the full scale (the standard for 28-32 px images).
+    of up to `crop_padding` pixels at the full scale (the standard for 28-32 px images). Then, when either
+    range is non-zero, `rotate_and_shear` by angles drawn uniformly from +-`rotation_degrees` and
+    +-`shear_degrees`.
 
     Args:
       image: a Pillow image in mode "L" or "RGB".
       image_size: side of the square output.
       randoms: `NUM_AUGMENT_RANDOMS` floats in [0, 1): area, aspect ratio, x, y, flip; then erasing's
-        whether, area, aspect ratio, x, y.
+        whether, area, aspect ratio, x, y; then the rotation and the shear.
       crop_area: (smallest, largest) fraction of the image area a resized crop covers, within (0, 1].
       flip: whether to flip horizontally half of the time.
       crop: "resized" or "pad".
       crop_padding: pixels of padding on each side for `crop="pad"`.
       erase_probability: the chance that a rectangle of the output is replaced by mid-grey.
+      rotation_degrees, shear_degrees: the largest rotation and shear, in degrees (0: none).
 
     Returns:
       uint8 `(image_size, image_size, channels)`, 1 channel for "L" input and 3 for "RGB".
@@ -115,9 +125,50 @@ def augment_for_train(
         left, top = u_x * (width - crop_width), u_y * (height - crop_height)
         box = (left, top, left + crop_width, top + crop_height)
         pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
+    if rotation_degrees or shear_degrees:
+        u_rotation, u_shear = (float(u) for u in randoms[CROP_FLIP_RANDOMS + ERASE_RANDOMS:NUM_AUGMENT_RANDOMS])
+        pixels = rotate_and_shear(pixels, rotation_degrees * (2 * u_rotation - 1), shear_degrees * (2 * u_shear - 1))
     if flip and u_flip < 0.5:
         pixels = pixels[:, ::-1]
-    return erase_rectangle(pixels, randoms[CROP_FLIP_RANDOMS:], erase_probability)
+    return erase_rectangle(pixels, randoms[CROP_FLIP_RANDOMS:CROP_FLIP_RANDOMS + ERASE_RANDOMS], erase_probability)
+
+
+def rotate_and_shear(pixels: np.ndarray, rotation_degrees: float, shear_degrees: float) -> np.ndarray:
+    """`pixels` sheared horizontally, then rotated, about the image centre; uncovered corners get the
+    background colour.
+
+    The forward map of a point p (x right, y down, relative to the centre) is `R(rotation) S(shear) p`,
+    with `S = [[1, tan(shear)], [0, 1]]` (rows further down shift right for a positive shear) and `R`
+    the rotation that turns the image counter-clockwise as displayed for a positive angle (at 90 degrees,
+    `np.rot90`). Each output pixel is sampled bilinearly at the inverse map of its centre (Pillow's
+    affine transform). The background is the per-channel median of the border pixels: white for glyphs
+    on paper, black for products on black, so the filled corners look like the rest of the margin
+    (Koch et al. 2015 drew such rotations and shears of Omniglot characters for one-shot learning).
+
+    Args:
+      pixels: uint8 `(H, W, C)`, C = 1 or 3.
+      rotation_degrees, shear_degrees: the angles, in degrees.
+
+    Returns:
+      uint8 `(H, W, C)`.
+    """
+    height, width, channels = pixels.shape
+    rotation, shear = math.radians(rotation_degrees), math.radians(shear_degrees)
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    # y points down, so a counter-clockwise turn on screen maps (x, y) to (x cos + y sin, -x sin + y cos).
+    forward = np.array([[cos, sin], [-sin, cos]]) @ np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
+    inverse = np.linalg.inv(forward)
+    centre = np.array([width / 2, height / 2])  # Pillow's pixel (i, j) covers [i, i + 1) x [j, j + 1)
+    offset = centre - inverse @ centre
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = tuple(int(v) for v in np.median(border, axis=0).round())
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    # Rounded so that quarter turns sample exactly at pixel centres: Pillow's 8-bit bilinear truncates, so
+    # a point 1e-16 short of a centre (cos 90 degrees is 6e-17 in floating point) would lose a grey level.
+    coefficients = tuple(round(float(c), 9) for c in (*inverse[0], offset[0], *inverse[1], offset[1]))
+    moved = image.transform((width, height), Image.Transform.AFFINE, coefficients, _RESAMPLE,
+                            fillcolor=background[0] if channels == 1 else background)
+    return np.atleast_3d(np.asarray(moved))
 
 
 def erase_rectangle(pixels: np.ndarray, randoms: np.ndarray, probability: float) -> np.ndarray:

@@ -28,7 +28,8 @@ def training_batches(run: Run, step: int) -> Iterator[dict]:
         run.train_data, image_size=run.config.image_size, batch_size=run.local_batch_size, seed=run.config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_batches=step,
         crop_area=(run.config.min_crop_area, 1.0), flip=run.config.flip, crop=run.config.crop,
-        crop_padding=run.config.crop_padding, erase_probability=run.config.random_erasing)
+        crop_padding=run.config.crop_padding, erase_probability=run.config.random_erasing,
+        rotation_degrees=run.config.rotation_degrees, shear_degrees=run.config.shear_degrees)
 
 
 def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str | None = None,
