@@ -125,7 +125,7 @@ def train_flags(name: str, args, train_folder: str) -> list[str]:
 
 def distortion_flags(args) -> list[str]:
     """The trainer's random rotation and shear flags of a row; none when both are 0 (rows from before)."""
-    return [flag for key in ("rotation_degrees", "shear_degrees") if getattr(args, key, 0)
+    return [flag for key in ("rotation_degrees", "shear_degrees") if getattr(args, key)
             for flag in (f"--{key}", f"{getattr(args, key):g}")]
 
 

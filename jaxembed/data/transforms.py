@@ -110,7 +110,9 @@ def augment_for_train(
     Returns:
       uint8 `(image_size, image_size, channels)`, 1 channel for "L" input and 3 for "RGB".
     """
-    u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in randoms[:CROP_FLIP_RANDOMS])
+    crop_flip, erasing, affine = np.split(np.asarray(randoms)[:NUM_AUGMENT_RANDOMS],
+                                          [CROP_FLIP_RANDOMS, CROP_FLIP_RANDOMS + ERASE_RANDOMS])
+    u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in crop_flip)
     if crop == "pad":
         view = np.atleast_3d(np.asarray(center_crop(image, image_size)))
         padded = np.pad(view, ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0)), mode="edge")
@@ -126,11 +128,11 @@ def augment_for_train(
         box = (left, top, left + crop_width, top + crop_height)
         pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
     if rotation_degrees or shear_degrees:
-        u_rotation, u_shear = (float(u) for u in randoms[CROP_FLIP_RANDOMS + ERASE_RANDOMS:NUM_AUGMENT_RANDOMS])
+        u_rotation, u_shear = (float(u) for u in affine)
         pixels = rotate_and_shear(pixels, rotation_degrees * (2 * u_rotation - 1), shear_degrees * (2 * u_shear - 1))
     if flip and u_flip < 0.5:
         pixels = pixels[:, ::-1]
-    return erase_rectangle(pixels, randoms[CROP_FLIP_RANDOMS:CROP_FLIP_RANDOMS + ERASE_RANDOMS], erase_probability)
+    return erase_rectangle(pixels, erasing, erase_probability)
 
 
 def rotate_and_shear(pixels: np.ndarray, rotation_degrees: float, shear_degrees: float) -> np.ndarray:
@@ -156,8 +158,8 @@ def rotate_and_shear(pixels: np.ndarray, rotation_degrees: float, shear_degrees:
     rotation, shear = math.radians(rotation_degrees), math.radians(shear_degrees)
     cos, sin = math.cos(rotation), math.sin(rotation)
     # y points down, so a counter-clockwise turn on screen maps (x, y) to (x cos + y sin, -x sin + y cos).
-    forward = np.array([[cos, sin], [-sin, cos]]) @ np.array([[1.0, math.tan(shear)], [0.0, 1.0]])
-    inverse = np.linalg.inv(forward)
+    # The inverse of R S is S^-1 R^T: turn back, then shear by -tan(shear).
+    inverse = np.array([[1.0, -math.tan(shear)], [0.0, 1.0]]) @ np.array([[cos, -sin], [sin, cos]])
     centre = np.array([width / 2, height / 2])  # Pillow's pixel (i, j) covers [i, i + 1) x [j, j + 1)
     offset = centre - inverse @ centre
     border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
