@@ -13,7 +13,9 @@ raw-pixel nearest-neighbour baseline at the same image size is in the same table
 With `--rotations 4` the training folder also holds every character turned by 90, 180 and 270 degrees,
 each as a concept of its own (`Korean/character01_r90`): four times the concepts (544), as few-shot
 work on Omniglot commonly does; a turned character is another shape, so it is a new concept, not an
-augmentation of the old one.
+augmentation of the old one. `--mirror` adds each of those mirrored left-right as a concept too
+(`character01_m`, `character01_m_r90`, ...: 1,088 concepts with 4 rotations), for the same reason: the
+mirror image of a glyph is another glyph.
 Writes experiments/results/omniglot.json and .md. Rows of templates not run now are kept from the
 previous results, so `--templates resnext` adds or refreshes one row. Each row also holds the trainer's
 held-out metrics (a 5% split of the training folder: images for the classifiers, concepts for ArcFace),
@@ -59,22 +61,26 @@ def extract(split: str, root: str) -> str:
     return folder
 
 
-def rotated_folder(folder: str, rotations: int) -> str:
-    """Where `with_rotations` writes `folder` with its turned copies (`folder` itself for 1 rotation)."""
-    return folder if rotations == 1 else f"{folder}_rot{rotations}"
+def rotated_folder(folder: str, rotations: int, mirror: bool = False) -> str:
+    """Where `with_rotations` writes `folder` with its turned (and mirrored) copies; `folder` itself for
+    1 rotation without mirrors."""
+    suffix = (f"_rot{rotations}" if rotations > 1 else "") + ("_mirror" if mirror else "")
+    return folder + suffix
 
 
-def with_rotations(folder: str, rotations: int) -> str:
+def with_rotations(folder: str, rotations: int, mirror: bool = False) -> str:
     """`folder` (concept folders `Alphabet/characterNN/`) plus each character turned by every multiple of
-    360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, written once next to it as
-    `<folder>_rot<rotations>`; `folder` itself for `rotations` 1."""
+    360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, and with `mirror` each of
+    those also mirrored left-right first (`characterNN_m`, `characterNN_m_r<degrees>`): a mirrored glyph
+    is another character, as a turned one is. Written once next to `folder` (`rotated_folder`);
+    `folder` itself for 1 rotation without mirrors."""
     from PIL import Image
 
-    if rotations == 1:
-        return folder
-    if rotations not in (2, 4):
+    if rotations not in (1, 2, 4):
         raise ValueError(f"rotations={rotations}: expected 1, 2 or 4 (turns by multiples of 90 degrees)")
-    target = rotated_folder(folder, rotations)
+    target = rotated_folder(folder, rotations, mirror)
+    if target == folder:
+        return folder
     marker = os.path.join(target, ".complete")
     if os.path.exists(marker):
         return target
@@ -82,14 +88,17 @@ def with_rotations(folder: str, rotations: int) -> str:
     for alphabet in sorted(os.listdir(folder)):
         for character in sorted(os.listdir(os.path.join(folder, alphabet))):
             source = os.path.join(folder, alphabet, character)
-            for degrees in range(0, 360, 360 // rotations):
-                name = character if degrees == 0 else f"{character}_r{degrees}"
-                os.makedirs(os.path.join(target, alphabet, name))
-                for drawing in sorted(os.listdir(source)):
-                    with Image.open(os.path.join(source, drawing)) as image:
-                        # Counter-clockwise, exact (a transpose, no resampling).
-                        turned = image.transpose(Image.Transpose[f"ROTATE_{degrees}"]) if degrees else image
-                        turned.save(os.path.join(target, alphabet, name, drawing))
+            for mirrored in ((False, True) if mirror else (False,)):
+                for degrees in range(0, 360, 360 // rotations):
+                    name = character + ("_m" if mirrored else "") + (f"_r{degrees}" if degrees else "")
+                    os.makedirs(os.path.join(target, alphabet, name))
+                    for drawing in sorted(os.listdir(source)):
+                        with Image.open(os.path.join(source, drawing)) as image:
+                            # Exact pixel moves (transposes, no resampling); turns counter-clockwise.
+                            copy = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else image
+                            if degrees:
+                                copy = copy.transpose(Image.Transpose[f"ROTATE_{degrees}"])
+                            copy.save(os.path.join(target, alphabet, name, drawing))
     with open(marker, "w") as f:
         f.write("done\n")
     return target
@@ -111,7 +120,8 @@ def baseline_row(images, image_size: int) -> dict:
 
 
 # The script's arguments a row's command depends on, kept in the row (`script_args`) to rebuild it.
-SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "rotation_degrees", "shear_degrees")
+SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "mirror", "rotation_degrees",
+               "shear_degrees")
 
 
 def train_flags(name: str, args, train_folder: str) -> list[str]:
@@ -134,10 +144,12 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     other_stem = args.stem != RECIPE_STEM
     distorted = args.rotation_degrees or args.shear_degrees
     label = (f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
+             f"{'_mirror' if args.mirror else ''}"
              f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}")
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
     turns = f", {args.rotations} rotations as concepts" if args.rotations > 1 else ""
+    turns += ", mirrored copies as concepts" if args.mirror else ""
     stem = f", {args.stem} stem" if other_stem else ""
     affine = (f", random rotation +-{args.rotation_degrees:g} deg and shear +-{args.shear_degrees:g} deg"
               if distorted else "")
@@ -157,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_epochs", type=int, default=8)
     parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
                         help="train on each character turned this many ways, each turn a concept of its own")
+    parser.add_argument("--mirror", action="store_true",
+                        help="also train on each character (and each turn) mirrored left-right, as a concept of its own")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rotation_degrees", type=float, default=0.0,
                         help="the trainer's random rotation of each training image, up to this many degrees either way")
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     test_folder = extract("images_background_small2", args.workdir)
     all_test_images = data_lib.load_source(test_folder)
     test_images = unseen_concepts(all_test_images, data_lib.load_source(original_train_folder))
-    train_folder = with_rotations(original_train_folder, args.rotations)
+    train_folder = with_rotations(original_train_folder, args.rotations, args.mirror)
     print(f"test set: {len(test_images)} images of {len(test_images.concepts)} concepts; left out "
           f"{len(all_test_images) - len(test_images)} images of concepts also in the training split",
           file=sys.stderr, flush=True)

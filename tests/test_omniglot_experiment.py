@@ -68,12 +68,12 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
     rows = json.loads(results.read_text())
     assert script.markdown(rows) == results.with_suffix(".md").read_text()
     defaults = dict(image_size=32, num_epochs=5, batch_size=32, stem=script.RECIPE_STEM, rotations=4,
-                    rotation_degrees=0.0, shear_degrees=0.0)
+                    mirror=False, rotation_degrees=0.0, shear_degrees=0.0)
     for row in rows:
         if row["command"] != "-":
             name = row["method"].split(" ")[0]
             args = argparse.Namespace(**{**defaults, **row.get("script_args", {})})
-            folder = script.rotated_folder("/tmp/jaxembed-omniglot/images_background_small1", args.rotations)
+            folder = script.rotated_folder("/tmp/jaxembed-omniglot/images_background_small1", args.rotations, args.mirror)
             flags = script.train_flags(name, args, folder)
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
 
@@ -92,3 +92,22 @@ def test_rotated_copies_are_new_concepts_turned_exactly(script, tmp_path):
         turned = np.asarray(Image.open(os.path.join(rotated, "Alphabet", name, "0001_01.png")))
         np.testing.assert_array_equal(turned, np.rot90(pixels, degrees // 90))  # counter-clockwise, as rot90
     assert script.with_rotations(str(tmp_path / "train"), 1) == str(tmp_path / "train")
+
+
+def test_mirrored_copies_are_new_concepts_mirrored_then_turned(script, tmp_path):
+    pixels = np.arange(5 * 7, dtype=np.uint8).reshape(5, 7) * 7  # no symmetry, not square
+    folder = tmp_path / "train" / "Alphabet" / "character01"
+    folder.mkdir(parents=True)
+    Image.fromarray(pixels).save(folder / "0001_01.png")
+    copies = script.with_rotations(str(tmp_path / "train"), 4, mirror=True)
+    assert copies == str(tmp_path / "train_rot4_mirror") == script.rotated_folder(str(tmp_path / "train"), 4, True)
+    expected = {}  # the dihedral group: mirrored left-right first, then turned counter-clockwise
+    for mirrored, source in (("", pixels), ("_m", pixels[:, ::-1])):
+        for degrees in (0, 90, 180, 270):
+            expected["character01" + mirrored + (f"_r{degrees}" if degrees else "")] = np.rot90(source, degrees // 90)
+    assert sorted(data_lib.load_source(copies).concepts) == sorted(f"Alphabet/{name}" for name in expected)
+    for name, want in expected.items():
+        got = np.asarray(Image.open(os.path.join(copies, "Alphabet", name, "0001_01.png")))
+        np.testing.assert_array_equal(got, want)
+    mirrors_only = script.with_rotations(str(tmp_path / "train"), 1, mirror=True)
+    assert sorted(os.listdir(os.path.join(mirrors_only, "Alphabet"))) == ["character01", "character01_m"]
