@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import types
 
 import flax.linen as flax_nn
 import jax
@@ -21,7 +22,7 @@ from PIL import Image
 from jaxembed import data as data_lib
 from jaxembed.data import transforms
 from jaxembed import losses, metrics, models, rundir, schedules, tasks, templates
-from jaxembed.train import build_optimizer, loop, prepare_run
+from jaxembed.train import build_optimizer, hooks, loop, prepare_run
 
 # ----------------------------------------------------------------------------- flip
 
@@ -437,6 +438,31 @@ def test_logged_loss_is_the_mean_over_the_window(tmp_path):
         {r["step"]: r["loss"] for r in logged}, rel=1e-6)
     assert 0 <= _tensorboard_scalars(str(tmp_path / "two"), "eval/recall@1")[tiny.NUM_STEPS] <= 1
 
+
+
+def test_logged_images_per_second_counts_the_whole_run_writes_included(tmp_path, monkeypatch):
+    """With a fake clock: each step takes 1 s and each window's write 5 s. The windows must tile the run,
+    so a window's rate counts the previous write too (an untimed gap would report 2 s per 2 steps)."""
+    clock = [0.0]
+    monkeypatch.setattr(hooks, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class SlowWrites(rundir.RunDir):
+        def append_metrics(self, record):
+            clock[0] += 5.0
+            super().append_metrics(record)
+
+    config = tiny.config("inception_bn", log_every=2)
+    run = types.SimpleNamespace(config=config, steps_per_epoch=6, schedule=lambda step: 0.1)
+    log = hooks.MetricsLog(SlowWrites(str(tmp_path)), run, 0, 6)
+    for step in range(6):
+        clock[0] += 1.0
+        log.record(step, {"loss": 1.0})
+    log.close()
+    rates = [r["images_per_second"] for r in rundir.RunDir(str(tmp_path)).metrics()]
+    batch = config.batch_size
+    # Window 1: steps at t=1, 2 (2 s); window 2: the write to t=7, steps to t=9 (7 s); window 3 likewise.
+    assert rates == pytest.approx([2 * batch / 2, 2 * batch / 7, 2 * batch / 7], rel=1e-12)
+    assert sum(2 * batch / rate for rate in rates) == pytest.approx(clock[0] - 5.0)  # all but the last write
 
 def _tensorboard_scalars(workdir: str, tag: str) -> dict[int, float]:
     import tensorflow as tf

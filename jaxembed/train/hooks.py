@@ -118,7 +118,10 @@ class MetricsLog:
 
     def _write_window(self) -> None:
         step = self._last_step
-        rate = self._window_images / (time.perf_counter() - self._window_start)
+        # One timestamp ends this window and starts the next, so the windows tile the run: the time spent
+        # writing here, and any wait for the step in flight, is counted (a gap would overstate images/s).
+        now = time.perf_counter()
+        rate = self._window_images / (now - self._window_start)
         entry = {"step": step + 1, "epoch": (step + 1) / self._run.steps_per_epoch,
                  "learning_rate": float(self._run.schedule(step)), "images_per_second": rate,
                  "window_steps": self._window_steps,
@@ -127,5 +130,5 @@ class MetricsLog:
         self._run_dir.append_metrics(entry)
         self.progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.3g}",
                                   img_s=f"{rate:.1f}", refresh=False)
-        self._window_start, self._window_images = time.perf_counter(), 0
+        self._window_start, self._window_images = now, 0
         self._window_sums, self._window_steps, self._window_max_loss = {}, 0, -math.inf
