@@ -1,7 +1,7 @@
 """Omniglot: train on background_small1 (136 concepts), measure retrieval on background_small2's unseen ones.
 
-    python experiments/omniglot.py [--templates inception_bn ...] [--image_size 64] [--num_epochs 8]
-                                   [--rotations 4] [--stem imagenet]
+    python experiments/omniglot.py [--templates inception_bn ...] [--image_size 64] [--num_epochs 5]
+                                   [--rotations 4] [--mirror | --no-mirror] [--stem imagenet]
 
 Both zips come from ../shared/datasets/omniglot (never copied into the repository). The two splits are
 not disjoint: Greek and Latin (50 characters, 1,000 drawings) are in both, byte for byte. The test set
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     # Defaults: the best row within the 30 minutes (inception_bn trains ~2.7x faster than resnext50 at 48 px).
     parser.add_argument("--templates", nargs="*", choices=list(SETTINGS), default=["inception_bn"])
     parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--num_epochs", type=int, default=8)
+    parser.add_argument("--num_epochs", type=int, default=5)
     parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
                         help="train on each character turned this many ways, each turn a concept of its own")
-    parser.add_argument("--mirror", action="store_true",
+    parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="also train on each character (and each turn) mirrored left-right, as a concept of its own")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--rotation_degrees", type=float, default=0.0,
