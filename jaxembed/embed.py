@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
-from jaxembed import cli, parallel, rundir, tasks, templates
+from jaxembed import cli, fileio, parallel, rundir, tasks, templates
 
 log = logging.getLogger("jaxembed.embed")
 
@@ -169,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("skipped %s: %s", bad.path, bad.reason)
     paths = np.asarray(images.item_names)[outputs["index"]]
     labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
-    with open(args.out + ".tmp", "wb") as f:  # a crash never leaves half an .npz under the real name
+    with fileio.atomic_file(args.out) as f:  # a crash never leaves half an .npz under the real name
         np.savez(f, paths=paths, embeddings=outputs["embedding"], labels=labels)
-    os.replace(args.out + ".tmp", args.out)
     print(f"wrote {len(paths)} embeddings to {args.out}")
     return 0
 

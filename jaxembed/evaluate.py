@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from jaxembed import data as data_lib
-from jaxembed import embed
+from jaxembed import embed, fileio
 # The metrics, also reachable here (`evaluate.recall_at_k`, ...) where they were first published.
 from jaxembed.metrics import (concept_groups, map_at_r, max_n_way, mean_average_precision, n_way_one_shot_accuracy,
                               recall_at_k, retrieval_metrics, top1_accuracy)
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out == "-":
             print(text)
         else:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+            fileio.write_bytes(args.out, (text + "\n").encode())
     return 0
 
 

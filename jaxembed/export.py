@@ -22,7 +22,7 @@ are installed (copy this file, or `pip install jaxembed` without using its model
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -30,6 +30,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxembed import fileio
 
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for all, so an artefact made on a laptop serves on accelerators
@@ -77,11 +79,14 @@ def export_embedder(embedder, path: str, *, batch_size: int | None = None,
     leaves = [np.asarray(leaves_with_paths[i][1]) for i in kept]
 
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, _FUNCTION_FILE), "wb") as f:
-        f.write(exported.serialize())
+    # meta.json is written last and says the artefact is whole: an older one goes first, so a crash while
+    # overwriting an artefact leaves one that fails to load, not a new function under old metadata.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(path, _META_FILE))
+    fileio.write_bytes(os.path.join(path, _FUNCTION_FILE), exported.serialize())
     # npz has no bfloat16: such leaves are stored as raw 16-bit words and re-viewed on load.
-    np.savez(os.path.join(path, _VARIABLES_FILE),
-             **{f"leaf_{i:04d}": _storable(leaf) for i, leaf in enumerate(leaves)})
+    with fileio.atomic_file(os.path.join(path, _VARIABLES_FILE)) as f:
+        np.savez(f, **{f"leaf_{i:04d}": _storable(leaf) for i, leaf in enumerate(leaves)})
     meta = {
         "format_version": FORMAT_VERSION,
         "image_size": size,
@@ -94,8 +99,7 @@ def export_embedder(embedder, path: str, *, batch_size: int | None = None,
         "leaves": [{"path": names[i], "shape": list(specs[i].shape), "dtype": str(specs[i].dtype)} for i in kept],
         "left_out": [names[i] for i in range(len(specs)) if i not in set(kept)],
     }
-    with open(os.path.join(path, _META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
+    fileio.write_json(os.path.join(path, _META_FILE), meta)
     return path
 
 
@@ -111,8 +115,11 @@ def load_exported(path: str) -> Callable[[np.ndarray], np.ndarray]:
       (already resized and centre-cropped, e.g. by `Embedder.preprocess`), `embeddings` float32
       `(B, D)` unit vectors (NumPy). The function's `meta` attribute holds `meta.json`.
     """
-    with open(os.path.join(path, _META_FILE)) as f:
-        meta = json.load(f)
+    meta_path = os.path.join(path, _META_FILE)
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: {path} is not a whole export_embedder artefact "
+                                "(meta.json is written last; an export cut short leaves none)")
+    meta = fileio.read_json(meta_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     with open(os.path.join(path, _FUNCTION_FILE), "rb") as f:

@@ -6,9 +6,9 @@ Two rules, owned here for every directory jaxembed writes (run directories, sear
   `directory/.lock`. The kernel drops it when the holding process dies, however it dies (kill -9
   included), so a crash never leaves a stale lock to clean by hand. The lock file records the
   holder's host and pid, for the message a second writer gets (`DirectoryBusy`).
-- **Whole files only.** `write_json` and `write_bytes` write to a temporary name in the same
-  directory and `os.replace` it onto the target (atomic on POSIX): a reader sees the old file or
-  the new one, never half of one. `append_jsonl` appends one line per record with one `write`
+- **Whole files only.** `write_json`, `write_bytes` and `atomic_file` write to a temporary name in
+  the same directory and `os.replace` it onto the target (atomic on POSIX): a reader sees the old
+  file or the new one, never half of one. `append_jsonl` appends one line per record with one `write`
   call, so a reader sees whole lines (it skips a last line cut short by a crash).
 """
 
@@ -21,7 +21,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 LOCK_NAME = ".lock"
 
@@ -63,14 +63,20 @@ def exclusive_lock(directory: str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` atomically: readers never see a partly written file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears under `path` only once the `with` block completes.
+
+    For large outputs written in pieces (`np.savez` of many embeddings) that should not be built in
+    memory first; an exception inside the block leaves `path` as it was and no temporary file behind.
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a run's files from other users
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,7 +86,13 @@ def write_bytes(path: str, data: bytes) -> None:
         raise
 
 
-def write_json(path: str, value: Any) -> None:
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically: readers never see a partly written file."""
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
     """`value` as indented JSON, written atomically."""
     write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 

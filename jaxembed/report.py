@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import io
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxembed import data as data_lib
-from jaxembed import cli, embed, evaluate, rundir
+from jaxembed import cli, embed, evaluate, fileio, rundir
 from jaxembed import metrics as metrics_lib
 
 log = logging.getLogger("jaxembed.report")
@@ -284,11 +285,12 @@ def write_report(workdir: str, *, images_source: str | None = None, out_dir: str
 
     os.makedirs(out_dir, exist_ok=True)
     png_path, html_path = os.path.join(out_dir, "report.png"), os.path.join(out_dir, "report.html")
-    figure.savefig(png_path)
-    with open(png_path, "rb") as f:
-        png = f.read()
-    with open(html_path, "w", encoding="utf-8") as f:
-        f.write(_html_page(workdir, embedder, record, summary, metrics, described, png))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    png = buffer.getvalue()
+    fileio.write_bytes(png_path, png)
+    page = _html_page(workdir, embedder, record, summary, metrics, described, png)
+    fileio.write_bytes(html_path, page.encode("utf-8"))
     return ReportFiles(png=png_path, html=html_path)
 
 

@@ -36,7 +36,7 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from jaxembed import fileio, templates
-from jaxembed.data import LabelledImages
+from jaxembed.data import LabelledImages, load_label_map, save_label_map
 
 log = logging.getLogger("jaxembed.rundir")
 
@@ -112,7 +112,7 @@ class RunDir:
                                  "(the data changed since it started); use a new --workdir")
         elif jax.process_index() == 0:
             os.makedirs(self.path, exist_ok=True)
-            fileio.write_json(self.file("label_map.json"), {"concepts": list(concepts)})
+            save_label_map(concepts, self.file("label_map.json"))
             fileio.write_json(self.file("split.json"), split)
             # run.json last: its presence says the run's files are complete.
             fileio.write_json(self.file("run.json"), {"config": config.to_dict(), "data": data_source, **sizes})
@@ -195,7 +195,7 @@ class RunDir:
         """Concept names, index -> name (label_map.json; older runs kept them in run.json)."""
         path = self.file("label_map.json")
         if os.path.exists(path):
-            return tuple(fileio.read_json(path)["concepts"])
+            return load_label_map(path)
         return tuple(self.record()["concepts"])
 
     def heldout(self, data: LabelledImages) -> LabelledImages:

@@ -80,5 +80,25 @@ def test_loads_in_a_fresh_process_without_model_code(embedder, artefact, tmp_pat
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert not [m for m in modules if m.split(".")[0] in ("flax", "optax", "orbax", "tensorflow")]
-    assert [m for m in modules if m.startswith("jaxembed")] == ["jaxembed", "jaxembed.export"]
+    # jaxembed.fileio (the standard library only) is the one other jaxembed module it may use.
+    assert [m for m in modules if m.startswith("jaxembed")] == ["jaxembed", "jaxembed.export", "jaxembed.fileio"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), embedder(images), rtol=1e-5, atol=1e-5)
+
+
+def test_an_export_cut_short_over_an_old_artefact_refuses_to_load(embedder, tmp_path, monkeypatch):
+    """meta.json goes first and comes back last: a crash while overwriting an artefact (here while
+    writing its variables) leaves one that fails to load naming meta.json, never the new function
+    under the old artefact's metadata and variables."""
+    path = str(tmp_path / "artefact")
+    export.export_embedder(embedder, path, batch_size=4, platforms=("cpu",))
+    export.load_exported(path)  # whole
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export.np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_embedder(embedder, path, batch_size=2, platforms=("cpu",))
+    assert sorted(os.listdir(path)) == ["embed.stablehlo", "variables.npz"]  # no temporary file left behind
+    with pytest.raises(FileNotFoundError, match=r"meta\.json not found: .* is not a whole export_embedder"):
+        export.load_exported(path)

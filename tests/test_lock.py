@@ -1,5 +1,5 @@
 """One writer per directory (issue 20), with real processes: the OS lock of `jaxembed.fileio`, the trainer
-command refused on a busy workdir, and readers that never lock.
+command refused on a busy workdir, and readers that never lock; last, its other rule (whole files only).
 
 A lock held by another *process* is what matters (the kernel's `flock` is per open file, and the
 trainers the issue is about are separate processes), so every holder here is a subprocess: a few
@@ -262,3 +262,20 @@ def test_a_reader_whose_checkpoint_is_deleted_while_it_reads_reads_the_newer_one
         assert np.array_equal(np.asarray(a), b)
     with pytest.raises(Exception):  # a step asked for by number is not replaced by another
         rundir.RunDir(workdir).variables(newest)
+
+
+def test_atomic_file_keeps_the_old_file_when_its_writer_fails(tmp_path):
+    """fileio's other rule, whole files only: a writer that fails part way leaves the old contents
+    under the name and no temporary file; one that completes replaces them."""
+    path = tmp_path / "embeddings.npz"
+    path.write_bytes(b"old contents")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with fileio.atomic_file(path) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("disk full")
+    assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["embeddings.npz"]
+    with fileio.atomic_file(path) as f:
+        f.write(b"new ")
+        f.write(b"contents")
+    assert path.read_bytes() == b"new contents" and os.listdir(tmp_path) == ["embeddings.npz"]
+    assert os.stat(path).st_mode & 0o777 == 0o644  # readable by others, as an open(path, "w") file would be

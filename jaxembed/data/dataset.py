@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from jaxembed import fileio
 from jaxembed.data.decode import ImageRef
 
 
@@ -120,10 +121,9 @@ class LabelledImages:
 
 
 def save_label_map(concepts: Sequence[str], path: str | os.PathLike) -> None:
-    """Writes the concept names (index -> name) as JSON `{"concepts": [...]}`."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"concepts": list(concepts)}, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+    """Writes the concept names (index -> name) as JSON `{"concepts": [...]}`, atomically."""
+    text = json.dumps({"concepts": list(concepts)}, ensure_ascii=False, indent=1) + "\n"
+    fileio.write_bytes(path, text.encode("utf-8"))
 
 
 def load_label_map(path: str | os.PathLike) -> tuple[str, ...]:
