@@ -221,13 +221,13 @@ def train_flags(setting: str, args, data: str) -> list[str]:
     init_epochs = max(1, round(epochs * 2 / 3))  # then 0.1x, 0.01x ... every step_epochs
     step_epochs = max(1, (epochs - init_epochs) // 2)
     items_flags = [] if items is None else ["--num_items_per_epoch", str(items)]  # None: every training image
-    # The row's own flags come after the script's defaults, so they win (argparse keeps the last).
-    return ["--template", template, "--data", data,
-            "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
-            "--num_epochs", str(epochs), *items_flags,
-            "--init_epochs", str(init_epochs), "--step_epochs", str(step_epochs),
-            "--min_crop_area", str(args.min_crop_area), "--holdout", "images",
-            "--holdout_fraction", str(args.holdout_fraction), "--no_progress", *flags]
+    # The row's own flags override the script's defaults.
+    return runner.merged_flags(["--template", template, "--data", data,
+                                "--image_size", str(args.image_size), "--batch_size", str(args.batch_size),
+                                "--num_epochs", str(epochs), *items_flags,
+                                "--init_epochs", str(init_epochs), "--step_epochs", str(step_epochs),
+                                "--min_crop_area", str(args.min_crop_area), "--holdout", "images",
+                                "--holdout_fraction", str(args.holdout_fraction), "--no_progress"], flags)
 
 
 def run_setting(setting: str, args, train_folder: str, test_images) -> dict:

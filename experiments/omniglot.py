@@ -126,11 +126,10 @@ SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "m
 
 def train_flags(name: str, args, train_folder: str) -> list[str]:
     """The `python -m jaxembed.train` flags of a template's row (without --workdir)."""
-    return ["--template", name, "--data", train_folder, "--image_size", str(args.image_size),
-            "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
-            "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress", *SETTINGS[name],
-            *(["--stem", args.stem] if args.stem != RECIPE_STEM else []),  # after RECIPE's, so it wins
-            *distortion_flags(args)]
+    return runner.merged_flags(["--template", name, "--data", train_folder, "--image_size", str(args.image_size),
+                                "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
+                                "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress"],
+                               SETTINGS[name], ["--stem", args.stem], distortion_flags(args))
 
 
 def distortion_flags(args) -> list[str]:

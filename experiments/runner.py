@@ -120,6 +120,27 @@ def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> Tra
     return TrainedRun(command=shlex.join(command), workdir=workdir, seconds=seconds)
 
 
+def merged_flags(*flag_lists: Sequence[str]) -> list[str]:
+    """Command-line flags of several lists, later lists overriding earlier ones: `["--stem", "a",
+    "--flip"]` then `["--stem", "b"]` gives `["--stem", "b", "--flip"]`. A flag given again keeps its
+    first place with its new value(s), so a printed command names each flag once (argparse would take
+    the last of two, but a reader should not have to know that). A flag is a `--name` token, its values
+    the tokens after it up to the next `--name`; `--flip` and `--no-flip` count as different flags.
+    """
+    merged: dict[str, list[str]] = {}
+    for flags in flag_lists:
+        name = None
+        for token in flags:
+            if token.startswith("--"):
+                name = token
+                merged[name] = []  # an existing key keeps its place in the dict
+            elif name is None:
+                raise ValueError(f"{shlex.join(flags)}: {token!r} is not after a --flag")
+            else:
+                merged[name].append(token)
+    return [token for name, values in merged.items() for token in (name, *values)]
+
+
 RESULTS = os.path.join(REPO, "experiments", "results")
 
 

@@ -90,3 +90,14 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(fashio
         if row["setting"] in fashion.SETTINGS:
             flags = fashion.train_flags(row["setting"], defaults, "/tmp/jaxembed-fashion-mnist/train")
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
+
+
+def test_merged_flags_name_each_flag_once_in_its_first_place_with_its_last_value(fashion):
+    merged = fashion.runner.merged_flags(["--batch_size", "32", "--flip", "--stem", "small_s2", "--no_progress"],
+                                         ["--stem", "imagenet", "--batch_size", "128", "--nesterov"],
+                                         ["--batch_size", "64"])
+    assert merged == ["--batch_size", "64", "--flip", "--stem", "imagenet", "--no_progress", "--nesterov"]
+    # A flag may be given again without values, and a value must follow a flag.
+    assert fashion.runner.merged_flags(["--holdout", "images"], ["--holdout"]) == ["--holdout"]
+    with pytest.raises(ValueError, match="'0.1' is not after a --flag"):
+        fashion.runner.merged_flags(["0.1", "--label_smoothing"])
