@@ -2,6 +2,7 @@
 
     python experiments/omniglot.py [--templates inception_bn ...] [--image_size 64] [--num_epochs 5]
                                    [--rotations 4] [--mirror | --no-mirror] [--stem imagenet]
+                                   [--trainer_flags='--crop pad --crop_padding 6']   # any trainer flags
 
 Both zips come from ../shared/datasets/omniglot (never copied into the repository). The two splits are
 not disjoint: Greek and Latin (50 characters, 1,000 drawings) are in both, byte for byte. The test set
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -121,7 +124,7 @@ def baseline_row(images, image_size: int) -> dict:
 
 # The script's arguments a row's command depends on, kept in the row (`script_args`) to rebuild it.
 SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "mirror", "rotation_degrees",
-               "shear_degrees")
+               "shear_degrees", "trainer_flags")
 
 
 def train_flags(name: str, args, train_folder: str) -> list[str]:
@@ -129,7 +132,8 @@ def train_flags(name: str, args, train_folder: str) -> list[str]:
     return runner.merged_flags(["--template", name, "--data", train_folder, "--image_size", str(args.image_size),
                                 "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
                                 "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress"],
-                               SETTINGS[name], ["--stem", args.stem], distortion_flags(args))
+                               SETTINGS[name], ["--stem", args.stem], distortion_flags(args),
+                               shlex.split(args.trainer_flags))
 
 
 def distortion_flags(args) -> list[str]:
@@ -144,7 +148,8 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     distorted = args.rotation_degrees or args.shear_degrees
     label = (f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
              f"{'_mirror' if args.mirror else ''}"
-             f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}")
+             f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}"
+             f"{'_' + re.sub(r'[^A-Za-z0-9.]+', '_', args.trainer_flags).strip('_') if args.trainer_flags else ''}")
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
     turns = f", {args.rotations} rotations as concepts" if args.rotations > 1 else ""
@@ -152,7 +157,8 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     stem = f", {args.stem} stem" if other_stem else ""
     affine = (f", random rotation +-{args.rotation_degrees:g} deg and shear +-{args.shear_degrees:g} deg"
               if distorted else "")
-    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}{affine}"
+    more = f", {args.trainer_flags}" if args.trainer_flags else ""
+    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}{affine}{more}"
     return {"method": method, "train_minutes": run.seconds / 60,
             "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
             "script_args": {key: getattr(args, key) for key in SCRIPT_ARGS},
@@ -177,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the trainer's random horizontal shear, up to this many degrees either way")
     parser.add_argument("--stem", default="imagenet", choices=STEMS,
                         help="the backbone stem (imagenet: 4x cheaper than small_s2, so 4x the epochs per minute)")
+    parser.add_argument("--trainer_flags", default="",
+                        help="more `python -m jaxembed.train` flags for the rows, overriding the script's, in one "
+                             "argument: --trainer_flags='--crop pad --crop_padding 6'")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"))
     parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "omniglot.json"))
     args = parser.parse_args(argv)
