@@ -306,7 +306,8 @@ RUN_OPTIONS = _hparams(
     HParam("random_erasing", float, 0.0, 0.0, 1.0, None, "chance that a random rectangle (2 to 33 percent of the image) of "
            "a training image is replaced by grey (Zhong et al. 2017; 0.25-0.5 against overfitting on long runs)"),
     HParam("rotation_degrees", float, 0.0, 0.0, 180.0, None, "random rotation of training images by up to this "
-           "many degrees either way (5-15 for characters and digits, after Koch et al. 2015; 0: none)"),
+           "many degrees either way (5-15 for characters and digits, after Koch et al. 2015; 0: none; at most "
+           "data.transforms.MAX_ROTATION_DEGREES)"),
     HParam("shear_degrees", float, 0.0, 0.0, 45.0, None, "random horizontal shear of training images by up to "
            "this many degrees either way (data.transforms.MAX_SHEAR_DEGREES at most; 0: none)"),
     HParam("flip", bool, False, help="random horizontal flips: on for photos and products, off for characters and "

@@ -127,6 +127,7 @@ def test_random_erasing_greys_one_rectangle_of_the_allowed_size():
 def test_crop_erasing_rotation_and_shear_options_reach_the_pipeline(monkeypatch):
     assert set(templates.RUN_OPTIONS["crop"].choices) == set(transforms.CROPS)
     assert templates.RUN_OPTIONS["shear_degrees"].maximum == transforms.MAX_SHEAR_DEGREES
+    assert templates.RUN_OPTIONS["rotation_degrees"].maximum == transforms.MAX_ROTATION_DEGREES
     seen = {}
     monkeypatch.setattr(data_lib, "train_batches", lambda *args, **kwargs: seen.update(kwargs) or iter([]))
     run = prepare_run(tiny.config(crop="pad", crop_padding=2, random_erasing=0.25, rotation_degrees=10,

@@ -23,8 +23,8 @@ from PIL import Image
 
 from jaxembed.data.dataset import LabelledImages
 from jaxembed.data.decode import describe_error, open_image
-from jaxembed.data.transforms import (AFFINE_RANDOMS, CROPS, CROP_FLIP_RANDOMS, ERASE_RANDOMS, MAX_SHEAR_DEGREES,
-                                      NUM_AUGMENT_RANDOMS, augment_for_train, center_crop)
+from jaxembed.data.transforms import (AFFINE_RANDOMS, CROPS, CROP_FLIP_RANDOMS, ERASE_RANDOMS, MAX_ROTATION_DEGREES,
+                                      MAX_SHEAR_DEGREES, NUM_AUGMENT_RANDOMS, augment_for_train, center_crop)
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ def train_batches(
     if crop not in CROPS or crop_padding < 0 or not 0 <= erase_probability <= 1:
         raise ValueError(f"crop={crop!r} (expected one of {', '.join(CROPS)}), crop_padding={crop_padding} "
                          f"(expected >= 0), erase_probability={erase_probability} (expected 0..1)")
-    if not (0 <= rotation_degrees <= 180 and 0 <= shear_degrees <= MAX_SHEAR_DEGREES):
-        raise ValueError(f"rotation_degrees={rotation_degrees} (expected 0..180) and shear_degrees={shear_degrees} "
-                         f"(expected 0..{MAX_SHEAR_DEGREES})")
+    if not (0 <= rotation_degrees <= MAX_ROTATION_DEGREES and 0 <= shear_degrees <= MAX_SHEAR_DEGREES):
+        raise ValueError(f"rotation_degrees={rotation_degrees} (expected 0..{MAX_ROTATION_DEGREES}) and "
+                         f"shear_degrees={shear_degrees} (expected 0..{MAX_SHEAR_DEGREES})")
     steps = steps_per_epoch(len(data), batch_size, process_count)
     if steps == 0:
         raise ValueError(

@@ -29,8 +29,10 @@ NUM_AUGMENT_RANDOMS = CROP_FLIP_RANDOMS + ERASE_RANDOMS + AFFINE_RANDOMS
 
 CROPS = ("resized", "pad")
 
-# Shears up to this many degrees either way (tan grows without bound towards 90).
+# Shears up to this many degrees either way (tan grows without bound towards 90); rotations up to a
+# half turn either way, which already reaches every angle.
 MAX_SHEAR_DEGREES = 45.0
+MAX_ROTATION_DEGREES = 180.0
 
 # Random erasing (Zhong et al., 2017): the erased rectangle covers 2%-33% of the image, with a
 # log-uniform aspect ratio in [0.3, 3.3], filled with mid-grey, which normalisation (ImageNet mean
