@@ -64,24 +64,24 @@ def extract(split: str, root: str) -> str:
     return folder
 
 
-def rotated_folder(folder: str, rotations: int, mirror: bool = False) -> str:
-    """Where `with_rotations` writes `folder` with its turned (and mirrored) copies; `folder` itself for
+def copies_folder(folder: str, rotations: int, mirror: bool = False) -> str:
+    """Where `with_glyph_copies` writes `folder` with its turned (and mirrored) copies; `folder` itself for
     1 rotation without mirrors."""
     suffix = (f"_rot{rotations}" if rotations > 1 else "") + ("_mirror" if mirror else "")
     return folder + suffix
 
 
-def with_rotations(folder: str, rotations: int, mirror: bool = False) -> str:
+def with_glyph_copies(folder: str, rotations: int, mirror: bool = False) -> str:
     """`folder` (concept folders `Alphabet/characterNN/`) plus each character turned by every multiple of
     360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, and with `mirror` each of
     those also mirrored left-right first (`characterNN_m`, `characterNN_m_r<degrees>`): a mirrored glyph
-    is another character, as a turned one is. Written once next to `folder` (`rotated_folder`);
+    is another character, as a turned one is. Written once next to `folder` (`copies_folder`);
     `folder` itself for 1 rotation without mirrors."""
     from PIL import Image
 
     if rotations not in (1, 2, 4):
         raise ValueError(f"rotations={rotations}: expected 1, 2 or 4 (turns by multiples of 90 degrees)")
-    target = rotated_folder(folder, rotations, mirror)
+    target = copies_folder(folder, rotations, mirror)
     if target == folder:
         return folder
     marker = os.path.join(target, ".complete")
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     test_folder = extract("images_background_small2", args.workdir)
     all_test_images = data_lib.load_source(test_folder)
     test_images = unseen_concepts(all_test_images, data_lib.load_source(original_train_folder))
-    train_folder = with_rotations(original_train_folder, args.rotations, args.mirror)
+    train_folder = with_glyph_copies(original_train_folder, args.rotations, args.mirror)
     print(f"test set: {len(test_images)} images of {len(test_images.concepts)} concepts; left out "
           f"{len(all_test_images) - len(test_images)} images of concepts also in the training split",
           file=sys.stderr, flush=True)

@@ -73,7 +73,7 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
         if row["command"] != "-":
             name = row["method"].split(" ")[0]
             args = argparse.Namespace(**{**defaults, **row.get("script_args", {})})
-            folder = script.rotated_folder("/tmp/jaxembed-omniglot/images_background_small1", args.rotations, args.mirror)
+            folder = script.copies_folder("/tmp/jaxembed-omniglot/images_background_small1", args.rotations, args.mirror)
             flags = script.train_flags(name, args, folder)
             assert shlex.join(["python", "-m", "jaxembed.train", *flags]) == row["command"]
 
@@ -83,7 +83,7 @@ def test_rotated_copies_are_new_concepts_turned_exactly(script, tmp_path):
     folder = tmp_path / "train" / "Alphabet" / "character01"
     folder.mkdir(parents=True)
     Image.fromarray(pixels).save(folder / "0001_01.png")
-    rotated = script.with_rotations(str(tmp_path / "train"), 4)
+    rotated = script.with_glyph_copies(str(tmp_path / "train"), 4)
     images = data_lib.load_source(rotated)
     assert sorted(images.concepts) == ["Alphabet/character01", "Alphabet/character01_r180",
                                        "Alphabet/character01_r270", "Alphabet/character01_r90"]
@@ -91,7 +91,7 @@ def test_rotated_copies_are_new_concepts_turned_exactly(script, tmp_path):
         name = "character01" if degrees == 0 else f"character01_r{degrees}"
         turned = np.asarray(Image.open(os.path.join(rotated, "Alphabet", name, "0001_01.png")))
         np.testing.assert_array_equal(turned, np.rot90(pixels, degrees // 90))  # counter-clockwise, as rot90
-    assert script.with_rotations(str(tmp_path / "train"), 1) == str(tmp_path / "train")
+    assert script.with_glyph_copies(str(tmp_path / "train"), 1) == str(tmp_path / "train")
 
 
 def test_mirrored_copies_are_new_concepts_mirrored_then_turned(script, tmp_path):
@@ -99,8 +99,8 @@ def test_mirrored_copies_are_new_concepts_mirrored_then_turned(script, tmp_path)
     folder = tmp_path / "train" / "Alphabet" / "character01"
     folder.mkdir(parents=True)
     Image.fromarray(pixels).save(folder / "0001_01.png")
-    copies = script.with_rotations(str(tmp_path / "train"), 4, mirror=True)
-    assert copies == str(tmp_path / "train_rot4_mirror") == script.rotated_folder(str(tmp_path / "train"), 4, True)
+    copies = script.with_glyph_copies(str(tmp_path / "train"), 4, mirror=True)
+    assert copies == str(tmp_path / "train_rot4_mirror") == script.copies_folder(str(tmp_path / "train"), 4, True)
     expected = {}  # the dihedral group: mirrored left-right first, then turned counter-clockwise
     for mirrored, source in (("", pixels), ("_m", pixels[:, ::-1])):
         for degrees in (0, 90, 180, 270):
@@ -109,5 +109,5 @@ def test_mirrored_copies_are_new_concepts_mirrored_then_turned(script, tmp_path)
     for name, want in expected.items():
         got = np.asarray(Image.open(os.path.join(copies, "Alphabet", name, "0001_01.png")))
         np.testing.assert_array_equal(got, want)
-    mirrors_only = script.with_rotations(str(tmp_path / "train"), 1, mirror=True)
+    mirrors_only = script.with_glyph_copies(str(tmp_path / "train"), 1, mirror=True)
     assert sorted(os.listdir(os.path.join(mirrors_only, "Alphabet"))) == ["character01", "character01_m"]
