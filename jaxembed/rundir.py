@@ -41,6 +41,26 @@ from jaxembed.data import LabelledImages, load_label_map, save_label_map
 log = logging.getLogger("jaxembed.rundir")
 
 
+def heldout_names(data: LabelledImages, positions: Sequence[int]) -> list[str]:
+    """The names split.json records for the images at `positions`: paths relative to the data's
+    folder (or its manifest's folder) where they lie under it, so a run's held-out images are still
+    found after the data folder moves; other names (in-memory, TFDS) as they are."""
+    root = data.source if os.path.isdir(data.source) else os.path.dirname(data.source)
+    names = [data.item_names[i] for i in positions]
+    if not os.path.isabs(root):  # "tfds:NAME:SPLIT", "" (in memory): names are not paths
+        return names
+    return [os.path.relpath(name, root) if name.startswith(root.rstrip(os.sep) + os.sep) else name for name in names]
+
+
+def split_matches(split: dict, data: LabelledImages) -> bool:
+    """Whether `data` holds, at split.json's positions, the held-out images it names."""
+    if len(data) != split["num_items"] or any(i >= len(data) for i in split["heldout"]):
+        return False
+    # Runs from before relative names recorded absolute paths: those still match the data in its old place.
+    return split["heldout_names"] in (heldout_names(data, split["heldout"]),
+                                      [data.item_names[i] for i in split["heldout"]])
+
+
 class RunDir:
     """A training run's directory (need not exist yet for a writer)."""
 
@@ -93,21 +113,22 @@ class RunDir:
             yield self
 
     def start(self, config: templates.Config, *, data_source: str, concepts: Sequence[str],
-              num_items: int, heldout: Sequence[int], item_names: Sequence[str], sizes: dict[str, int]) -> None:
+              data: LabelledImages, heldout: Sequence[int], sizes: dict[str, int]) -> None:
         """Writes a new run's run.json, label_map.json and split.json, or checks that the run already
         here is this one: the same config, field by field, and the same held-out images.
 
         Raises:
           ValueError: naming run.json and each setting that differs (or the split file).
         """
-        split = {"num_items": int(num_items), "heldout": [int(i) for i in heldout],
-                 "heldout_names": [item_names[i] for i in heldout]}
+        split = {"num_items": len(data), "heldout": [int(i) for i in heldout],
+                 "heldout_names": heldout_names(data, heldout)}
         if self.exists():
             changed = config.differences(self.record()["config"])
             if changed:
                 raise ValueError(f"{self.file('run.json')} belongs to a different run ({', '.join(changed)}); "
                                  "use a new --workdir")
-            if os.path.exists(self.file("split.json")) and fileio.read_json(self.file("split.json")) != split:
+            stored = fileio.read_json(self.file("split.json")) if os.path.exists(self.file("split.json")) else None
+            if stored is not None and (stored["heldout"] != split["heldout"] or not split_matches(stored, data)):
                 raise ValueError(f"{self.file('split.json')}: the data's held-out images differ from this run's "
                                  "(the data changed since it started); use a new --workdir")
         elif jax.process_index() == 0:
@@ -205,8 +226,7 @@ class RunDir:
           ValueError: naming split.json when `data` is not the data the run was trained on.
         """
         split = fileio.read_json(self._require("split.json"))
-        names = [data.item_names[i] for i in split["heldout"] if i < len(data)]
-        if len(data) != split["num_items"] or names != split["heldout_names"]:
+        if not split_matches(split, data):
             raise ValueError(f"{self.file('split.json')} does not match the data given ({len(data)} images, "
                              f"{data.source or 'default'}): the run held out images of {split['num_items']}")
         return data.subset(split["heldout"])

@@ -50,7 +50,26 @@ def test_held_out_split_is_recreated(run):
     recorded = json.loads(pathlib.Path(run.workdir, "run.json").read_text())
     split = json.loads(pathlib.Path(run.workdir, "split.json").read_text())
     assert len(images) == recorded["num_eval_images"] == 18
-    assert list(images.item_names) == split["heldout_names"]  # the very images the run never trained on
+    # The very images the run never trained on, named relative to the data folder.
+    assert [os.path.relpath(name, run.images) for name in images.item_names] == split["heldout_names"]
+
+
+def test_held_out_images_are_found_after_the_data_folder_moves(run, tmp_path):
+    workdir = shutil.copytree(run.workdir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    moved = shutil.copytree(run.images, tmp_path / "moved" / "digits")
+    record = json.loads((workdir / "run.json").read_text())
+    (workdir / "run.json").write_text(json.dumps({**record, "data": str(moved)}))
+    images = report.heldout_images(str(workdir))
+    expected = report.heldout_images(run.workdir)
+    assert [os.path.relpath(name, moved) for name in images.item_names] == \
+        [os.path.relpath(name, run.images) for name in expected.item_names]
+    assert images.items[0] != expected.items[0] and os.path.isfile(images.items[0])  # the moved files
+    # A run from before relative names (split.json with absolute paths) still finds its data in place.
+    split = json.loads((workdir / "split.json").read_text())
+    (workdir / "run.json").write_text(json.dumps(record))
+    (workdir / "split.json").write_text(json.dumps(
+        {**split, "heldout_names": [os.path.join(run.images, name) for name in split["heldout_names"]]}))
+    assert list(report.heldout_images(str(workdir)).item_names) == list(expected.item_names)
 
 
 def test_report_refuses_data_that_no_longer_holds_the_held_out_images(run, tmp_path, capsys):
@@ -58,7 +77,7 @@ def test_report_refuses_data_that_no_longer_holds_the_held_out_images(run, tmp_p
     workdir = shutil.copytree(run.workdir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
     data = shutil.copytree(run.images, tmp_path / "digits")
     held_out = json.loads((workdir / "split.json").read_text())["heldout_names"][0]
-    (data / os.path.relpath(held_out, run.images)).unlink()
+    (data / held_out).unlink()
     record = json.loads((workdir / "run.json").read_text())
     (workdir / "run.json").write_text(json.dumps({**record, "data": str(data)}))
     with pytest.raises(ValueError, match="split.json does not match the data given"):

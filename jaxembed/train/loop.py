@@ -46,7 +46,7 @@ def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str
             data = data_lib.load_source(data_spec, data_dir=config.data_dir, depth=config.depth)
         run = prepare_run(config, data)
         run_dir.start(config, data_source=data_spec or data.source or "default", concepts=run.concepts,
-                      num_items=len(data), heldout=run.heldout, item_names=data.item_names,
+                      data=data, heldout=run.heldout,
                       sizes={"num_train_images": len(run.train_data), "num_eval_images": len(run.eval_data),
                              "steps_per_epoch": run.steps_per_epoch, "total_steps": run.total_steps})
         steps = compile_steps(run)
