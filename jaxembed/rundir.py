@@ -4,7 +4,8 @@
                        the data source, sizes and step counts
     label_map.json     concept names, index -> name
     split.json         the held-out split: the data's item count and the held-out items' positions
-                       and names, so evaluation and the report score exactly the images never trained on
+                       and names (relative to the data folder, which may move), so evaluation and the
+                       report score exactly the images never trained on
     metrics.jsonl      one JSON object per logged step and per evaluation
     events.out.tfevents.*   the same numbers for TensorBoard
     summary.json       the final metrics
