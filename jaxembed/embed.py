@@ -109,7 +109,8 @@ def load(workdir: str, *, step: int | None = None) -> Embedder:
 
 
 def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, batch_size: int = 64,
-                  mesh: Mesh | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+                  mesh: Mesh | None = None, progress: bool = False,
+                  keep: Sequence[str] = ("embedding", "logits")) -> dict[str, np.ndarray]:
     """Eval-mode outputs for every item of `images`: the one way a data set is embedded.
 
     Args:
@@ -122,6 +123,7 @@ def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, bat
         last batch is padded, so one shape is compiled.
       mesh: with a device mesh (`jaxembed.parallel.make_mesh`), each process loads its share of every
         batch, the batch is split over all devices, and every process gets all the outputs.
+      keep: the outputs of `apply_fn` to collect (those it returns).
 
     Returns:
       `embedding` float32 `(N, D)` unit vectors, `logits` `(N, C)` for classifiers, and `index` int64
@@ -136,7 +138,7 @@ def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, bat
     for batch in tqdm(batches, desc="embed", unit="batch", total=-(-len(images) // batch_size),
                       disable=not progress or process != 0):
         pixels = batch["image"] if mesh is None else parallel.global_batch({"image": batch["image"]}, mesh)["image"]
-        outputs = {k: v for k, v in apply_fn(variables, pixels).items() if k in ("embedding", "logits")}
+        outputs = {k: v for k, v in apply_fn(variables, pixels).items() if k in keep}
         rows = {"mask": batch["mask"], "index": batch["index"].astype(np.int64)}
         if processes > 1:  # global outputs and each process's own rows, gathered in the same process order
             outputs = multihost_utils.process_allgather(outputs, tiled=True)

@@ -67,7 +67,7 @@ def sigterm_at(step: int, training_batches):
 
 def recording_evaluation(record: dict):
     """A stand-in for `jaxembed.embed.embed_dataset` that keeps what its first call returns (the model's
-    outputs on the held-out images; the trainer then embeds their raw pixels, the baseline) in `record`."""
+    outputs on the held-out images and their raw pixels, the baseline's input) in `record`."""
     from jaxembed import embed
 
     original = embed.embed_dataset

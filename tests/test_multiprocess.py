@@ -276,7 +276,7 @@ def test_evaluation_gathers_every_held_out_image(two_processes, monkeypatch):
                                    batch_size=mesh_run.config.eval_batch_size, mesh=mesh_run.mesh)
     assert len(expected["index"]) == 18
     for outputs in gathered:  # both processes hold every held-out image's outputs, in data order
-        assert outputs.keys() == expected.keys() == {"embedding", "logits", "index"}
+        assert outputs.keys() == {*expected.keys(), "pixels"} and expected.keys() == {"embedding", "logits", "index"}
         np.testing.assert_array_equal(outputs["index"], expected["index"])
         for name in ("embedding", "logits"):
             assert outputs[name].dtype == expected[name].dtype == np.float64
@@ -289,12 +289,14 @@ def test_evaluation_gathers_every_held_out_image(two_processes, monkeypatch):
     original, calls = embed.embed_dataset, []
 
     def gathered_model_outputs(*args, **kwargs):
-        calls.append(args[0])  # the first call embeds with the model, the next the raw pixels (the baseline)
-        return gathered[0] if len(calls) == 1 else original(*args, **kwargs)
+        outputs = original(*args, **kwargs)  # one pass here: the model's outputs and the raw pixels (the baseline)
+        calls.append(sorted(outputs))
+        np.testing.assert_array_equal(outputs["index"], gathered[0]["index"])
+        return {**outputs, **gathered[0]}  # the outputs and pixels as the two processes gathered them
 
     monkeypatch.setattr(embed, "embed_dataset", gathered_model_outputs)
     metrics = loop.evaluate_run(mesh_run, state, steps)
-    assert calls[0] is steps.evaluate
+    assert calls == [["embedding", "index", "logits", "pixels"]]  # each held-out image decoded once
     assert metrics["eval/num_images"] == 18
     assert {name: summaries[0][name] for name in metrics} == metrics
 

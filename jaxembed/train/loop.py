@@ -136,8 +136,8 @@ def _summary(run: Run, state: TrainState, data, *, stopped_by: str | None, last_
 
 
 @jax.jit
-def _flat_pixels(unused_variables, images: jax.Array) -> dict[str, jax.Array]:
-    return {"embedding": images.reshape(images.shape[0], -1).astype(np.float32)}
+def _flat_pixels(images: jax.Array) -> jax.Array:
+    return images.reshape(images.shape[0], -1)
 
 
 def evaluate_run(run: Run, state: TrainState, steps: Steps) -> dict[str, float]:
@@ -145,15 +145,18 @@ def evaluate_run(run: Run, state: TrainState, steps: Steps) -> dict[str, float]:
     task's classification metrics (top-1 for softmax, mAP for sigmoid), and `eval/pixels_recall@1`:
     the raw-pixel nearest neighbour's Recall@1 on the same images at the same size, the baseline the
     model must beat (`metrics.pixel_vectors`)."""
-    size, batch = run.config.image_size, run.config.eval_batch_size
-    outputs = embed.embed_dataset(steps.evaluate, state.variables, run.eval_data, image_size=size,
-                                  batch_size=batch, mesh=run.mesh)
+    def outputs_and_pixels(variables, images: jax.Array) -> dict[str, jax.Array]:
+        # The pixels the model saw, kept from the same pass (each image decoded once), as uint8.
+        return {**steps.evaluate(variables, images), "pixels": _flat_pixels(images)}
+
+    outputs = embed.embed_dataset(outputs_and_pixels, state.variables, run.eval_data,
+                                  image_size=run.config.image_size, batch_size=run.config.eval_batch_size,
+                                  mesh=run.mesh, keep=("embedding", "logits", "pixels"))
+    pixels = outputs.pop("pixels")
     results = evaluate.dataset_metrics(outputs, run.eval_data, run.concepts, run.task)
     if "recall@1" in results:  # some concept has two held-out images: the baseline is defined too
-        pixels = embed.embed_dataset(_flat_pixels, None, run.eval_data, image_size=size, batch_size=batch,
-                                     mesh=run.mesh)
-        labels = run.eval_data.primary_labels[pixels["index"]]
-        pixel_recall = metrics.recall_at_k(metrics.pixel_vectors(pixels["embedding"]), labels, ks=(1,))
+        labels = run.eval_data.primary_labels[outputs["index"]]
+        pixel_recall = metrics.recall_at_k(metrics.pixel_vectors(pixels), labels, ks=(1,))
         results["pixels_recall@1"] = pixel_recall["recall@1"]
     return {"eval/num_images": float(len(outputs["index"])),
             **{f"eval/{k}": float(v) for k, v in results.items() if k not in ("num_images",)}}
