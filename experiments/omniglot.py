@@ -1,6 +1,6 @@
 """Omniglot: train on background_small1 (136 concepts), measure retrieval on background_small2's unseen ones.
 
-    python experiments/omniglot.py [--templates inception_bn ...] [--image_size 64] [--num_epochs 5]
+    python experiments/omniglot.py [--templates inception_bn ...] [--image_size 80] [--num_epochs 5]
                                    [--rotations 4] [--mirror | --no-mirror] [--stem imagenet]
                                    [--trainer_flags='--crop pad --crop_padding 6']   # any trainer flags
 
@@ -170,13 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Defaults: the best row within the 30 minutes (inception_bn trains ~2.7x faster than resnext50 at 48 px).
     parser.add_argument("--templates", nargs="*", choices=list(SETTINGS), default=["inception_bn"])
-    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--image_size", type=int, default=80)
     parser.add_argument("--num_epochs", type=int, default=5)
     parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
                         help="train on each character turned this many ways, each turn a concept of its own")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="also train on each character (and each turn) mirrored left-right, as a concept of its own")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--rotation_degrees", type=float, default=0.0,
                         help="the trainer's random rotation of each training image, up to this many degrees either way")
     parser.add_argument("--shear_degrees", type=float, default=0.0,
