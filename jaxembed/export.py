@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -30,8 +31,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jaxembed import fileio
 
 FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda", "tpu")  # lowered for all, so an artefact made on a laptop serves on accelerators
@@ -78,6 +77,8 @@ def export_embedder(embedder, path: str, *, batch_size: int | None = None,
     exported = export(kept, batch, platforms)
     leaves = [np.asarray(leaves_with_paths[i][1]) for i in kept]
 
+    from jaxembed import fileio  # here, not at the top: the loader below must run without jaxembed
+
     os.makedirs(path, exist_ok=True)
     # meta.json is written last and says the artefact is whole: an older one goes first, so a crash while
     # overwriting an artefact leaves one that fails to load, not a new function under old metadata.
@@ -119,7 +120,8 @@ def load_exported(path: str) -> Callable[[np.ndarray], np.ndarray]:
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"{meta_path} not found: {path} is not a whole export_embedder artefact "
                                 "(meta.json is written last; an export cut short leaves none)")
-    meta = fileio.read_json(meta_path)
+    with open(meta_path) as f:
+        meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
     with open(os.path.join(path, _FUNCTION_FILE), "rb") as f:
