@@ -33,11 +33,11 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorflow as tf
 from jax.experimental import multihost_utils
 
 from jaxembed import fileio, templates
 from jaxembed.data import LabelledImages, load_label_map, save_label_map
+from jaxembed.data.pipeline import host_tensorflow
 
 log = logging.getLogger("jaxembed.rundir")
 
@@ -159,6 +159,7 @@ class RunDir:
         if jax.process_index() != 0:
             return
         fileio.append_jsonl(self.file("metrics.jsonl"), record)
+        tf = host_tensorflow()
         if self._events is None:
             self._events = tf.summary.create_file_writer(self.path)
         with self._events.as_default(step=int(record["step"])):

@@ -7,6 +7,9 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import zipfile
 
 import numpy as np
@@ -549,3 +552,20 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
     assert len(load_source("tfds:jaxembed_tiny_shapes:test", data_dir=str(tmp_path))) == 3
     with pytest.raises(FileNotFoundError, match="not prepared"):
         load_source("tfds:mnist", data_dir=str(tmp_path / "empty"))
+
+
+def test_tensorflow_is_imported_by_the_first_pipeline_not_by_importing_jaxembed():
+    """The models, losses and jitted steps import where TensorFlow is absent (the lent GPU image has JAX
+    alone); building a pipeline imports it (which shows the first check can fail)."""
+    script = textwrap.dedent("""
+        import sys
+        import jaxembed.embed, jaxembed.evaluate, jaxembed.rundir, jaxembed.train
+        from jaxembed import data
+        before = "tensorflow" in sys.modules
+        data.train_batches(data.load_source(None), image_size=8, batch_size=4, seed=0)
+        print(before, "tensorflow" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

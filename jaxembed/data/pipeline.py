@@ -13,12 +13,13 @@ yields the same number of batches per epoch (`steps_per_epoch`), so hosts stay i
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from jaxembed.data.dataset import LabelledImages
@@ -26,14 +27,28 @@ from jaxembed.data.decode import describe_error, open_image
 from jaxembed.data.transforms import (AFFINE_RANDOMS, CROPS, CROP_FLIP_RANDOMS, ERASE_RANDOMS, MAX_ROTATION_DEGREES,
                                       MAX_SHEAR_DEGREES, NUM_AUGMENT_RANDOMS, augment_for_train, center_crop)
 
+if TYPE_CHECKING:
+    import tensorflow as tf
+
 logger = logging.getLogger(__name__)
 
-# The host pipeline must not claim accelerator memory that JAX needs (relevant where the full
-# TensorFlow build is installed; tensorflow-cpu sees no GPU anyway). Only possible before TF starts.
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:
-    pass
+
+@functools.cache
+def host_tensorflow():
+    """TensorFlow, imported when the first pipeline (or event file) needs it, not when jaxembed.data is
+    imported: the models, losses and jitted steps then import without it (the lent GPU image has JAX and
+    no TensorFlow), and a process that only embeds or evaluates skips its ~2 s import.
+
+    The host pipeline must not claim accelerator memory that JAX needs (relevant where the full
+    TensorFlow build is installed; tensorflow-cpu sees no GPU anyway). Only possible before TF starts.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass
+    return tf
 
 # Stands in for an image that passed the load-time check but fails to decode later (file changed or
 # removed mid-run, or loaded with verify=False): training goes on, and the failure is logged by name.
@@ -129,6 +144,8 @@ def train_batches(
         first = first_step if epoch == first_epoch else 0
         return order[first:], randoms[first:]
 
+    tf = host_tensorflow()
+
     def plan_in_tf(epoch):
         order, randoms = tf.numpy_function(epoch_plan, [epoch], (tf.int64, tf.float32), stateful=False)
         order.set_shape((None, batch_size))
@@ -175,6 +192,7 @@ def eval_batches(
     indices = np.full(num_batches * batch_size, -1, np.int64)
     indices[: len(shard)] = shard
     # No randomness in evaluation; the zero array only gives every batch the same structure.
+    tf = host_tensorflow()
     planned_batches = tf.data.Dataset.from_tensor_slices(
         (indices.reshape(num_batches, batch_size), np.zeros((num_batches, batch_size, 0), np.float32))
     )
@@ -196,7 +214,7 @@ def _check_sizes(image_size: int, batch_size: int, process_index: int, process_c
 
 
 def _load_batches(
-    planned_batches: tf.data.Dataset,
+    planned_batches: "tf.data.Dataset",
     data: LabelledImages,
     load: Callable[[Image.Image, np.ndarray], np.ndarray],
     image_size: int,
@@ -229,6 +247,8 @@ def _load_batches(
             images[row] = load(image, randoms[row])  # broadcasts a gray (S, S, 1) image to RGB
             decoded[row] = True
         return images, decoded
+
+    tf = host_tensorflow()
 
     def load_batch_in_tf(indices, randoms):
         images, decoded = tf.numpy_function(load_batch, [indices, randoms], (tf.uint8, tf.bool), stateful=False)
