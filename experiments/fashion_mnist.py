@@ -189,22 +189,29 @@ def pixel_baseline(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
 
 def test_metrics(workdir: str, test_images) -> dict:
     """Test-split metrics of the run in `workdir` (see the module docstring)."""
-    from jaxembed import metrics as metrics_lib
-
     embedder, outputs = runner.embed(workdir, test_images)
     names = runner.concept_names(test_images, outputs["index"])
-    position = {name: i for i, name in enumerate(embedder.concepts)}
+    return scores(outputs, names, concepts=embedder.concepts, task=embedder.task, variables=embedder.variables,
+                  run=workdir)
+
+
+def scores(outputs: dict, names: np.ndarray, *, concepts, task, variables, run: str) -> dict:
+    """The metrics of eval-mode `outputs` (`embedding`, `logits` for classifiers) of images whose concepts are
+    `names`, for the model `run` trained on `concepts` with `task` (a `jaxembed.tasks.Task`) and `variables`."""
+    from jaxembed import metrics as metrics_lib
+
+    position = {name: i for i, name in enumerate(concepts)}
     if set(names) - set(position):
-        raise ValueError(f"{workdir}: test concepts {sorted(set(names) - set(position))} were not trained")
+        raise ValueError(f"{run}: test concepts {sorted(set(names) - set(position))} were not trained")
     truth = np.array([position[name] for name in names])
     metrics = {"num_test_images": len(truth), **runner.retrieval(outputs["embedding"], names)}
     if "logits" in outputs:
         metrics["accuracy"] = metrics_lib.top1_accuracy(outputs["logits"], truth)
         metrics["accuracy_kind"] = "classifier top-1"
         # Each concept ranks the images by the task's probability (softmax or sigmoid of the logits).
-        metrics["mAP"] = metrics_lib.mean_average_precision(embedder.task.predict(outputs), np.eye(len(position))[truth])
-    elif embedder.task.has_class_centres:
-        centres = runner.unit_rows(np.asarray(embedder.variables["params"]["centers"]).T)  # (num_concepts, D)
+        metrics["mAP"] = metrics_lib.mean_average_precision(task.predict(outputs), np.eye(len(position))[truth])
+    elif task.has_class_centres:
+        centres = runner.unit_rows(np.asarray(variables["params"]["centers"]).T)  # (num_concepts, D)
         metrics["accuracy"] = float(np.mean(np.argmax(outputs["embedding"] @ centres.T, axis=1) == truth))
         metrics["accuracy_kind"] = "nearest ArcFace centre"
     return metrics
