@@ -163,6 +163,29 @@ def eval_pixels(data, image_size: int) -> np.ndarray:
     return np.stack([preprocess_for_eval(decode_image(item), image_size) for item in data.items])
 
 
+def probe(run, steps, state, batches, num_steps: int) -> tuple[float, float]:
+    """`(seconds of the first step, which compiles; images/s over num_steps steps after a short warmup)`."""
+    import jax
+
+    from jaxembed import parallel
+
+    def step(state):
+        return steps.train(state, parallel.global_batch(next(batches), run.mesh))
+
+    start = time.perf_counter()
+    state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    for _ in range(PROBE_WARMUP):
+        state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        state, metrics = step(state)
+    jax.block_until_ready(metrics)
+    return compile_seconds, num_steps * run.config.batch_size / (time.perf_counter() - start)
+
+
 def train_row(setting: str, args, pool, data, test_images) -> dict:
     import jax
 
@@ -182,18 +205,7 @@ def train_row(setting: str, args, pool, data, test_images) -> dict:
 
     # Probe: one epoch's schedule, compiled, then --probe_steps timed steps (data feeding included).
     _, run, steps, state, batches = build(1)
-    compile_start = time.perf_counter()
-    state, metrics = steps.train(state, parallel.global_batch(next(batches), run.mesh))
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - compile_start
-    for _ in range(PROBE_WARMUP):
-        state, metrics = steps.train(state, parallel.global_batch(next(batches), run.mesh))
-    jax.block_until_ready(metrics)
-    probe_start = time.perf_counter()
-    for _ in range(args.probe_steps):
-        state, metrics = steps.train(state, parallel.global_batch(next(batches), run.mesh))
-    jax.block_until_ready(metrics)
-    probe_rate = args.probe_steps * run.config.batch_size / (time.perf_counter() - probe_start)
+    compile_seconds, probe_rate = probe(run, steps, state, batches, args.probe_steps)
     del state, batches
     left = args.seconds - (time.perf_counter() - start) - compile_seconds - args.eval_seconds
     num_epochs = max(1, math.floor(left * probe_rate / (run.steps_per_epoch * run.config.batch_size)))
