@@ -111,11 +111,10 @@ class Feeder:
 
     def __init__(self, pool, run, train_positions: np.ndarray):
         from jaxembed.data import transforms
+        from jaxembed.train.loop import augmentation_options
 
         config = run.config
-        self.augment = dict(crop_area=(config.min_crop_area, 1.0), flip=config.flip, crop=config.crop,
-                            crop_padding=config.crop_padding, erase_probability=config.random_erasing,
-                            rotation_degrees=config.rotation_degrees, shear_degrees=config.shear_degrees)
+        self.augment = augmentation_options(config)
         self.image_size, self.batch_size, self.seed = config.image_size, config.batch_size, config.seed
         self.positions, self.randoms = train_positions, transforms.NUM_AUGMENT_RANDOMS
         self.labels = np.asarray(run.train_data.primary_labels, np.int32)
@@ -157,12 +156,6 @@ def eval_outputs(steps, variables, pixels: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.concatenate(value) for name, value in parts.items()}
 
 
-def eval_pixels(data, image_size: int) -> np.ndarray:
-    from jaxembed.data import decode_image, preprocess_for_eval
-
-    return np.stack([preprocess_for_eval(decode_image(item), image_size) for item in data.items])
-
-
 def probe(run, steps, state, batches, num_steps: int) -> tuple[float, float]:
     """`(seconds of the first step, which compiles; images/s over num_steps steps after a short warmup)`."""
     import jax
@@ -193,11 +186,11 @@ def train_row(setting: str, args, pool, data, test_images) -> dict:
     from jaxembed.train import compile_steps, prepare_run
 
     start = time.perf_counter()
+    position = {name: i for i, name in enumerate(data.item_names)}
 
     def build(num_epochs: int):
         flags = row_flags(setting, num_epochs, args.trainer_flags)
         run = prepare_run(config_of(flags), data)
-        position = {name: i for i, name in enumerate(data.item_names)}
         train_positions = np.asarray([position[name] for name in run.train_data.item_names])
         steps = compile_steps(run)
         state = steps.init(jax.random.PRNGKey(run.config.seed))
@@ -227,7 +220,7 @@ def train_row(setting: str, args, pool, data, test_images) -> dict:
     variables = state.variables
     scored = {}
     for split, images in (("test", test_images), ("holdout", run.eval_data)):
-        outputs = eval_outputs(steps, variables, eval_pixels(images, run.config.image_size))
+        outputs = eval_outputs(steps, variables, runner.eval_images(images, run.config.image_size))
         scored[split] = fashion_mnist.scores(outputs, runner.concept_names(images), concepts=run.concepts,
                                              task=run.task, variables=variables, run=setting)
     return {"setting": setting, "template": run.config.template.name, "arch": run.config.arch,

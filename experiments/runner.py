@@ -197,13 +197,17 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def eval_pixels(images, image_size: int) -> np.ndarray:
-    """uint8 `(N, S, S)`: each image's first channel after the evaluation preprocessing (resize and
-    centre crop to `image_size`), the pixels a trained model sees."""
+def eval_images(images, image_size: int) -> np.ndarray:
+    """uint8 `(N, S, S, 3)`: each image after the evaluation preprocessing (resize and centre crop to
+    `image_size`), the pixels a trained model sees."""
     from jaxembed import data as data_lib
 
-    return np.stack([data_lib.preprocess_for_eval(data_lib.decode_image(item), image_size)[..., 0]
-                     for item in images.items])
+    return np.stack([data_lib.preprocess_for_eval(data_lib.decode_image(item), image_size) for item in images.items])
+
+
+def eval_pixels(images, image_size: int) -> np.ndarray:
+    """uint8 `(N, S, S)`: the first channel of `eval_images` (the grey pixels of the raw-pixel baselines)."""
+    return eval_images(images, image_size)[..., 0]
 
 
 def raw_pixel_baseline(pixels: np.ndarray, labels, *, reference: tuple[np.ndarray, np.ndarray] | None = None,

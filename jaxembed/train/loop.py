@@ -21,15 +21,21 @@ from jaxembed.train.steps import Steps, compile_steps
 log = logging.getLogger("jaxembed.train")
 
 
+def augmentation_options(config) -> dict:
+    """The training augmentation `config` asks for, as the keyword arguments of both
+    `data.train_batches` and `data.transforms.augment_for_train`."""
+    return dict(crop_area=(config.min_crop_area, 1.0), flip=config.flip, crop=config.crop,
+                crop_padding=config.crop_padding, erase_probability=config.random_erasing,
+                rotation_degrees=config.rotation_degrees, shear_degrees=config.shear_degrees)
+
+
 def training_batches(run: Run, step: int) -> Iterator[dict]:
     """This process's training batches from optimiser step `step` on, identical to an uninterrupted
     run's (the pipeline plans every epoch's order up front, so skipping decodes nothing)."""
     return data_lib.train_batches(
         run.train_data, image_size=run.config.image_size, batch_size=run.local_batch_size, seed=run.config.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), skip_batches=step,
-        crop_area=(run.config.min_crop_area, 1.0), flip=run.config.flip, crop=run.config.crop,
-        crop_padding=run.config.crop_padding, erase_probability=run.config.random_erasing,
-        rotation_degrees=run.config.rotation_degrees, shear_degrees=run.config.shear_degrees)
+        **augmentation_options(run.config))
 
 
 def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str | None = None,
