@@ -47,6 +47,7 @@ GPU_FLAGS = ["--stem", "small", "--dtype", "bfloat16"]
 SETTINGS = {
     "resnext_small_stem": ("resnext_imagenet_stem", GPU_FLAGS),
     "resnet_arcface_small_stem": ("resnet_arcface_imagenet_stem", GPU_FLAGS),
+    "resnet_arcface_margin_0.2_small_stem": ("resnet_arcface_margin_0.2", GPU_FLAGS),
     "inception_bn_small_stem": ("inception_bn_imagenet_stem", GPU_FLAGS),
 }
 PROBE_WARMUP = 5
