@@ -225,18 +225,10 @@ def scores(outputs: dict, names: np.ndarray, *, concepts, task, variables, run: 
         centres = runner.unit_rows(np.asarray(variables["params"]["centers"]).T)  # (num_concepts, D)
         metrics["accuracy"] = float(np.mean(np.argmax(outputs["embedding"] @ centres.T, axis=1) == truth))
         metrics["accuracy_kind"] = "nearest ArcFace centre"
-        metrics["closest_centres"] = closest_centres(centres, concepts)
+        # Two concepts sharing a centre (cosine near 1) cap the accuracy: see train.loop.closest_centres.
+        first, second, cosine = metrics_lib.closest_pair(centres)
+        metrics["closest_centres"] = {"concepts": [concepts[first], concepts[second]], "cosine": cosine}
     return metrics
-
-
-def closest_centres(centres: np.ndarray, concepts) -> dict:
-    """The two most cosine-similar of the unit-row `centres` `(num_concepts, D)`: `{"concepts": [a, b],
-    "cosine": c}`. A cosine near 1 means the two concepts share one centre, so nearest-centre
-    classification cannot tell them apart."""
-    similarity = centres @ centres.T
-    np.fill_diagonal(similarity, -np.inf)
-    first, second = np.unravel_index(np.argmax(similarity), similarity.shape)
-    return {"concepts": [concepts[first], concepts[second]], "cosine": float(similarity[first, second])}
 
 
 # ----------------------------------------------------------------------------- runs

@@ -39,6 +39,20 @@ def nearest_others(embeddings: np.ndarray, k: int, queries: np.ndarray | None = 
     return out
 
 
+def closest_pair(vectors: np.ndarray) -> tuple[int, int, float]:
+    """`(i, j, cosine)`: the two rows of `vectors` `(n >= 2, d)` at the smallest angle, and their cosine.
+
+    For ArcFace class centres, a cosine near 1 means two concepts share one centre: nearest-centre
+    classification and search cannot tell them apart (see the trainer's `closest_centres`).
+    """
+    vectors = np.asarray(vectors, np.float32)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    nearest = nearest_others(unit, 1)[:, 0]
+    cosines = np.einsum("nd,nd->n", unit, unit[nearest])
+    first = int(np.argmax(cosines))
+    return first, int(nearest[first]), float(cosines[first])
+
+
 def recall_at_k(embeddings: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Recall@K: the fraction of items with at least one same-label item among their K nearest others,
     over the items whose label at least one other item has.

@@ -61,6 +61,20 @@ def test_blocked_search_equals_brute_force(monkeypatch):
     assert full["recall@1"] == pytest.approx(brute)
 
 
+def test_closest_pair_is_the_brute_force_pair_at_the_smallest_angle(monkeypatch):
+    # Rows of any length: the pair is chosen by angle, not by dot product (row 0 is long).
+    assert metrics.closest_pair(_unit([0, 50, 65, 200]) * [[10.0], [1.0], [1.0], [1.0]]) == \
+        pytest.approx((1, 2, np.cos(np.deg2rad(15.0))))
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(50, 6)) * rng.uniform(0.1, 10, size=(50, 1))
+    monkeypatch.setattr(metrics, "_BLOCK_FLOATS", 50 * 7)  # blocked search: 7 rows per block
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosines = unit @ unit.T
+    brute = max(((i, j) for i in range(50) for j in range(i + 1, 50)), key=lambda pair: cosines[pair])
+    first, second, cosine = metrics.closest_pair(vectors)
+    assert (first, second) == brute and cosine == pytest.approx(cosines[brute], abs=1e-6)
+
+
 def test_recall_leaves_out_queries_with_no_other_item_of_their_label():
     embeddings = _unit([0, 10, 100, 200])
     labels = np.array([0, 0, 1, 2])  # labels 1 and 2 occur once: no query of theirs can hit

@@ -102,14 +102,3 @@ def test_merged_flags_name_each_flag_once_in_its_first_place_with_its_last_value
     with pytest.raises(ValueError, match="'0.1' is not after a --flag"):
         fashion.runner.merged_flags(["0.1", "--label_smoothing"])
 
-
-def test_closest_centres_are_the_pair_at_the_smallest_angle(fashion):
-    # Unit centres at 0, 20 and 50 degrees in a plane, one at 90 degrees out of it: the 0/20 pair is
-    # closest, cosine cos(20 deg), whichever order the concepts are listed in.
-    angles = np.radians([50.0, 0.0, 20.0])
-    centres = np.concatenate([np.stack([np.cos(angles), np.sin(angles), np.zeros(3)], axis=1), [[0.0, 0.0, 1.0]]])
-    closest = fashion.closest_centres(centres, ["c", "a", "b", "z"])
-    assert closest["concepts"] == ["a", "b"]
-    assert closest["cosine"] == pytest.approx(np.cos(np.radians(20.0)))
-    # Two concepts sharing a centre (the collapse this reports) are found at cosine 1.
-    assert fashion.closest_centres(centres[[0, 1, 1]], ["c", "a", "a2"]) == {"concepts": ["a", "a2"], "cosine": 1.0}

@@ -2,6 +2,7 @@
 devices vs 1, the embed API, and that a short run learns."""
 
 import dataclasses
+import logging
 import os
 import shutil
 import signal
@@ -62,6 +63,32 @@ def test_sigmoid_end_to_end(inception_run):
 def test_other_tasks_end_to_end(name, overrides, metric, digits, tmp_path):
     summary = train.train_and_evaluate(tiny.config(name, **overrides), str(tmp_path), data=digits)
     check_run(str(tmp_path), summary, name, metric)
+    if name == "resnet_angular_margin":  # the closest centres, by brute force over the saved centres
+        run = rundir.RunDir(str(tmp_path))
+        centres = np.asarray(run.variables()[0]["params"]["centers"], np.float64).T
+        unit = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        pairs = [(i, j) for i in range(len(unit)) for j in range(i + 1, len(unit))]
+        first, second = max(pairs, key=lambda pair: unit[pair[0]] @ unit[pair[1]])
+        assert summary["closest_centres"]["concepts"] == [run.concepts()[first], run.concepts()[second]]
+        assert summary["closest_centres"]["cosine"] == pytest.approx(unit[first] @ unit[second], abs=1e-6)
+    else:
+        assert "closest_centres" not in summary
+
+
+def test_closest_centres_ignore_padding_and_warn_when_two_coincide(caplog):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(16, 4))  # (D, 3 concepts + 1 padding column)
+    centres[:, 2] = 3 * centres[:, 0] + 0.1 * rng.normal(size=16)  # "c" 2 degrees from "a"
+    centres[:, 3] = centres[:, 1]  # padding on top of "b": were it read, "b" would pair with it at cosine 1
+    with caplog.at_level(logging.WARNING, "jaxembed.train"):
+        closest = loop.closest_centres(("a", "b", "c"), jax.numpy.asarray(centres))["closest_centres"]
+    assert closest["concepts"] == ["a", "c"] and loop.MERGED_CENTRES_COSINE < closest["cosine"] < 1
+    assert "centres of 'a' and 'c' point the same way" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "jaxembed.train"):
+        spread = loop.closest_centres(("a", "b"), jax.numpy.asarray(np.eye(4)[:, :3]))["closest_centres"]
+    assert spread == {"concepts": ["a", "b"], "cosine": 0.0} and not caplog.text
+    assert loop.closest_centres(("a",), jax.numpy.asarray(np.eye(4)[:, :1])) == {}
 
 
 def test_the_split_is_saved_and_the_report_reads_the_same_images(inception_run, digits):
