@@ -210,6 +210,7 @@ def scores(outputs: dict, names: np.ndarray, *, concepts, task, variables, run: 
     """The metrics of eval-mode `outputs` (`embedding`, `logits` for classifiers) of images whose concepts are
     `names`, for the model `run` trained on `concepts` with `task` (a `jaxembed.tasks.Task`) and `variables`."""
     from jaxembed import metrics as metrics_lib
+    from jaxembed.train.loop import closest_centres
 
     position = {name: i for i, name in enumerate(concepts)}
     if set(names) - set(position):
@@ -225,9 +226,8 @@ def scores(outputs: dict, names: np.ndarray, *, concepts, task, variables, run: 
         centres = runner.unit_rows(np.asarray(variables["params"]["centers"]).T)  # (num_concepts, D)
         metrics["accuracy"] = float(np.mean(np.argmax(outputs["embedding"] @ centres.T, axis=1) == truth))
         metrics["accuracy_kind"] = "nearest ArcFace centre"
-        # Two concepts sharing a centre (cosine near 1) cap the accuracy: see train.loop.closest_centres.
-        first, second, cosine = metrics_lib.closest_pair(centres)
-        metrics["closest_centres"] = {"concepts": [concepts[first], concepts[second]], "cosine": cosine}
+        # Two concepts sharing a centre (cosine near 1) cap the accuracy: the trainer's check, also on GPU rows.
+        metrics.update(closest_centres(concepts, variables["params"]["centers"]))
     return metrics
 
 

@@ -101,4 +101,3 @@ def test_merged_flags_name_each_flag_once_in_its_first_place_with_its_last_value
     assert fashion.runner.merged_flags(["--holdout", "images"], ["--holdout"]) == ["--holdout"]
     with pytest.raises(ValueError, match="'0.1' is not after a --flag"):
         fashion.runner.merged_flags(["0.1", "--label_smoothing"])
-
