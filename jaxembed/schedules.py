@@ -77,8 +77,6 @@ def learning_rate_schedule(
         raise ValueError(f"per_item_lrate={per_item_lrate} must be >= 0")
     if not 0 < decay <= 1:
         raise ValueError(f"decay={decay} must be in (0, 1]")
-    if warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0")
     if kind not in ("step", "cosine"):
         raise ValueError(f"kind={kind!r} must be 'step' or 'cosine'")
     per_epoch = steps_per_epoch(items_per_epoch, batch_size)
@@ -91,14 +89,29 @@ def learning_rate_schedule(
             for epoch in decay_epochs(init_epochs=init_epochs, step_epochs=step_epochs, num_epochs=num_epochs)
         }
         decayed = optax.piecewise_constant_schedule(initial, boundaries)
-    warmup_steps = round(warmup_epochs * per_epoch)
-    if warmup_steps == 0:
+    if warmup_epochs == 0:
         return decayed
+    warmup = warmup_factor(warmup_epochs, per_epoch)
+    return lambda step: decayed(step) * warmup(step)
 
-    def warmed_up(step):
-        return decayed(step) * jnp.minimum(1.0, (step + 1) / warmup_steps)
 
-    return warmed_up
+def warmup_factor(warmup_epochs: float, steps_per_epoch: int):
+    """`step -> min(1, (step + 1) / W)`, W = round(warmup_epochs * steps_per_epoch): the linear ramp that
+    scales the learning rate (and the ArcFace margin, `margin_warmup_epochs`) during a warmup. The first
+    step already gets 1 / W of the value, step W - 1 the whole of it; with W = 0 every step gets all of it.
+
+    Example:
+      >>> ramp = warmup_factor(0.5, 8)  # W = 4 steps
+      >>> [float(ramp(t)) for t in (0, 1, 3, 4, 100)]
+      [0.25, 0.5, 1.0, 1.0, 1.0]
+    """
+    if warmup_epochs < 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} must be >= 0")
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    if warmup_steps == 0:
+        return lambda step: 1.0
+    # The step as the default float (float64 under jax_enable_x64), so a float64 run's margin stays float64.
+    return lambda step: jnp.minimum(1.0, (jnp.asarray(step, float) + 1) / warmup_steps)
 
 
 def total_steps(*, batch_size: int, num_epochs: int, items_per_epoch: int) -> int:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxembed import losses, metrics, models, parallel, templates
+from jaxembed import losses, metrics, models, parallel, schedules, templates
 from jaxembed.models import heads
 
-# `loss(outputs, params, batch) -> scalar`: outputs of the model, its params, the batch
-# (`label` int32 `(B,)`, `labels` float32 multi-hot `(B, C)`).
-LossFn = Callable[[Mapping[str, jax.Array], Any, Mapping[str, jax.Array]], jax.Array]
+# `loss(outputs, params, batch, step=None) -> scalar`: outputs of the model, its params, the batch
+# (`label` int32 `(B,)`, `labels` float32 multi-hot `(B, C)`) and the optimiser step it trains (None:
+# a step after any warmup; only the ArcFace margin's warmup reads it).
+LossFn = Callable[..., jax.Array]
 
 
 class Task:
@@ -45,8 +46,10 @@ class Task:
         del model_parallelism
         return num_classes
 
-    def loss_fn(self, *, mesh: Mesh | None = None, num_classes: int | None = None) -> LossFn:
-        """The training loss; `mesh`/`num_classes`: shard class centres, padded beyond `num_classes`."""
+    def loss_fn(self, *, mesh: Mesh | None = None, num_classes: int | None = None,
+                steps_per_epoch: int | None = None) -> LossFn:
+        """The training loss; `mesh`/`num_classes`: shard class centres, padded beyond `num_classes`;
+        `steps_per_epoch`: the run's, for losses that change over epochs."""
         raise NotImplementedError
 
     def metrics(self, outputs: Mapping[str, np.ndarray], label_sets: Sequence[Sequence[int]]) -> dict[str, float]:
@@ -64,11 +67,17 @@ class ArcFace(Task):
     """ArcFace (additive angular margin) on a BN-Dropout-Dense-BN embedding head with class centres.
 
     Retrieval is its purpose, so its held-out split is by concepts: the test concepts are never seen.
+
+    `margin_warmup_epochs` ramps the margin up from 0 (`schedules.warmup_factor`, as the learning-rate
+    warmup does). Why: for images the backbone cannot tell apart, the margin's loss
+    log(1 + exp(s (cos a - cos(a + m)))) grows with their angle a to the centres whenever m > 0, so it
+    pulls the centres of their concepts together; at the start a random backbone tells no concept apart.
     """
 
     scale: float
     margin: float
     embeddings_size: int
+    margin_warmup_epochs: float = 0.0
 
     name = "arcface"
     default_holdout = "concepts"
@@ -83,12 +92,16 @@ class ArcFace(Task):
         model_parallelism, the extra centre columns being zeros that the loss masks out."""
         return math.ceil(num_classes / model_parallelism) * model_parallelism
 
-    def loss_fn(self, *, mesh=None, num_classes=None):
+    def loss_fn(self, *, mesh=None, num_classes=None, steps_per_epoch=None):
         sharded = mesh is not None and mesh.shape[parallel.MODEL_AXIS] > 1
+        if self.margin_warmup_epochs and not steps_per_epoch:
+            raise ValueError(f"margin_warmup_epochs={self.margin_warmup_epochs} needs the run's steps_per_epoch")
+        ramp = schedules.warmup_factor(self.margin_warmup_epochs, steps_per_epoch or 1)
 
-        def arcface(outputs, params, batch):
+        def arcface(outputs, params, batch, step=None):
+            margin = self.margin if step is None else self.margin * ramp(step)
             return losses.arcface_loss(
-                outputs["features"], params["centers"], batch["label"], scale=self.scale, margin=self.margin,
+                outputs["features"], params["centers"], batch["label"], scale=self.scale, margin=margin,
                 mesh=mesh if sharded else None, valid_classes=num_classes if sharded else None)
 
         return arcface
@@ -116,9 +129,9 @@ class Softmax(_Classifier):
     name = "softmax"
     label_smoothing: float = 0.0
 
-    def loss_fn(self, *, mesh=None, num_classes=None):
-        return lambda outputs, params, batch: losses.softmax_loss(outputs["logits"], batch["label"],
-                                                                  self.label_smoothing)
+    def loss_fn(self, *, mesh=None, num_classes=None, steps_per_epoch=None):
+        return lambda outputs, params, batch, step=None: losses.softmax_loss(outputs["logits"], batch["label"],
+                                                                             self.label_smoothing)
 
     def metrics(self, outputs, label_sets):
         primary = np.array([labels[0] for labels in label_sets])
@@ -143,8 +156,8 @@ class Sigmoid(_Classifier):
         at 10 concepts, ~90x at 1,000) and one per_item_lrate could not suit both."""
         return -math.log(num_outputs - 1) if num_outputs > 1 else 0.0
 
-    def loss_fn(self, *, mesh=None, num_classes=None):
-        return lambda outputs, params, batch: losses.sigmoid_loss(outputs["logits"], batch["labels"])
+    def loss_fn(self, *, mesh=None, num_classes=None, steps_per_epoch=None):
+        return lambda outputs, params, batch, step=None: losses.sigmoid_loss(outputs["logits"], batch["labels"])
 
     def metrics(self, outputs, label_sets):
         targets = np.zeros_like(outputs["logits"])
@@ -160,9 +173,13 @@ def for_config(config: templates.Config) -> Task:
     """The task of a template configuration (the one place that reads the head and `logreg`)."""
     if config.label_smoothing and (config.template.head == "arcface" or config.logreg):
         raise ValueError(f"label_smoothing={config.label_smoothing} applies to the softmax loss (logreg=0) only")
+    if config.margin_warmup_epochs and config.template.head != "arcface":
+        raise ValueError(f"margin_warmup_epochs={config.margin_warmup_epochs} applies to the ArcFace template "
+                         f"(resnet_angular_margin) only")
     if config.template.head == "arcface":
         return ArcFace(scale=float(config.angular_scale), margin=float(config.angular_margin),
-                       embeddings_size=int(config.embeddings_size))
+                       embeddings_size=int(config.embeddings_size),
+                       margin_warmup_epochs=float(config.margin_warmup_epochs))
     if config.logreg:
         return Sigmoid(embedding_neck=config.embedding_neck)
     return Softmax(embedding_neck=config.embedding_neck, label_smoothing=config.label_smoothing)

@@ -318,6 +318,8 @@ RUN_OPTIONS = _hparams(
            "lr_decay), or cosine decay to 0 at num_epochs", choices=("step", "cosine")),
     HParam("nesterov", bool, False, help="Nesterov momentum (SGD)"),
     HParam("label_smoothing", float, 0.0, 0.0, 0.99, None, "softmax (logreg=0) target smoothing"),
+    HParam("margin_warmup_epochs", float, 0.0, 0.0, 200.0, None, "ArcFace: ramp the margin linearly from 0 over "
+           "these epochs, as warmup_epochs does the learning rate (0: the whole margin from the first step)"),
     HParam("clip_grad_norm", float, None, 0.0, None, None, "clip the global gradient norm to this (unset: off)"),
     HParam("ema_decay", float, None, 0.0, 0.99999, None, "keep an exponential moving average of the weights "
            "with this decay (e.g. 0.999; unset: off); evaluation, jaxembed.load, embed and export then use it"),

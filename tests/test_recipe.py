@@ -3,6 +3,7 @@ value, a formula, or an image whose left and right halves differ."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -272,6 +273,71 @@ def test_label_smoothing_only_with_softmax():
     assert tasks.for_config(tiny.config(logreg=0, label_smoothing=0.1)).label_smoothing == 0.1
     with pytest.raises(ValueError, match="label_smoothing"):
         tasks.for_config(tiny.config(logreg=1, label_smoothing=0.1))
+
+
+def _arcface_loss_by_hand(features, centers, labels, scale, margin):
+    """The ArcFace loss from its definition in float64 numpy (every angle + margin below pi here)."""
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    c = centers / np.linalg.norm(centers, axis=0, keepdims=True)
+    logits = scale * (f @ c)
+    rows = np.arange(len(labels))
+    logits[rows, labels] = scale * np.cos(np.arccos((f @ c)[rows, labels]) + margin)
+    top = logits.max(axis=1)
+    return float(np.mean(top + np.log(np.exp(logits - top[:, None]).sum(axis=1)) - logits[rows, labels]))
+
+
+def test_arcface_margin_warmup_ramps_the_margin_by_the_step():
+    # 8 steps per epoch, a half-epoch warmup: W = 4 steps, margin 0.4 * (t + 1) / 4 until step 3.
+    rng = np.random.default_rng(0)
+    features, centers, labels = rng.normal(size=(6, 5)), rng.normal(size=(5, 3)), np.array([0, 1, 2, 0, 1, 2])
+    # Keep theta + m below pi, where the formula has no fallback branch.
+    f = features / np.linalg.norm(features, axis=1, keepdims=True)
+    c = centers / np.linalg.norm(centers, axis=0, keepdims=True)
+    assert np.arccos((f @ c)[np.arange(6), labels]).max() + 0.4 < math.pi
+    with jax.enable_x64(True):
+        task = tasks.ArcFace(scale=16.0, margin=0.4, embeddings_size=5, margin_warmup_epochs=0.5)
+        loss = task.loss_fn(steps_per_epoch=8)
+        constant = dataclasses.replace(task, margin_warmup_epochs=0.0).loss_fn(steps_per_epoch=8)
+        outputs, params, batch = {"features": jnp.asarray(features)}, {"centers": jnp.asarray(centers)}, {
+            "label": jnp.asarray(labels)}
+        for step, margin in ((0, 0.1), (1, 0.2), (2, 0.3), (3, 0.4), (4, 0.4), (1000, 0.4), (None, 0.4)):
+            expected = _arcface_loss_by_hand(features, centers, labels, 16.0, margin)
+            assert float(loss(outputs, params, batch, step=step)) == pytest.approx(expected, rel=1e-12), step
+            # Without the warmup every step trains with the whole margin.
+            full = _arcface_loss_by_hand(features, centers, labels, 16.0, 0.4)
+            assert float(constant(outputs, params, batch, step=step)) == pytest.approx(full, rel=1e-12), step
+    # The steps differ measurably: a ramp off by one step would fail above.
+    assert _arcface_loss_by_hand(features, centers, labels, 16.0, 0.1) != pytest.approx(
+        _arcface_loss_by_hand(features, centers, labels, 16.0, 0.2), rel=1e-3)
+
+
+def test_the_trainer_gives_the_loss_its_step_so_the_first_step_has_a_fraction_of_the_margin():
+    # Second implementation: with margin 0.4 ramped over 4 steps the trainer's first loss is the first
+    # loss of the same run with margin 0.1 and no ramp (same initial weights, batch and dropout).
+    from jaxembed import parallel
+    from jaxembed.train import compile_steps
+
+    def first_loss(**overrides):
+        run = prepare_run(tiny.config("resnet_angular_margin", dtype="float64", **overrides), tiny.digits())
+        steps = compile_steps(run)
+        state = steps.init(jax.random.PRNGKey(0))
+        _, metrics = steps.train(state, parallel.global_batch(next(loop.training_batches(run, 0)), run.mesh))
+        return float(metrics["loss"]), run
+
+    with jax.enable_x64(True):
+        ramped, run = first_loss(angular_margin=0.4, margin_warmup_epochs=2.0)  # 2 steps per epoch
+        assert round(run.config.margin_warmup_epochs * run.steps_per_epoch) == 4 and run.task.margin == 0.4
+        reduced, _ = first_loss(angular_margin=0.1)
+    assert ramped == pytest.approx(reduced, rel=1e-12)
+
+
+def test_margin_warmup_only_with_arcface_and_a_known_epoch_length():
+    with pytest.raises(ValueError, match="margin_warmup_epochs"):
+        tasks.for_config(tiny.config("inception_bn", margin_warmup_epochs=1.0))
+    task = tasks.for_config(tiny.config("resnet_angular_margin", margin_warmup_epochs=1.0))
+    assert task.margin_warmup_epochs == 1.0
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        task.loss_fn()
 
 
 @pytest.mark.parametrize("num_concepts", [10, 1000])

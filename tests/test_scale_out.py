@@ -56,8 +56,8 @@ def config(model_parallelism: int = 1, **overrides):
 class PaddingInTheSoftmax(tasks.ArcFace):
     """The deliberate one-class mistake: the loss is not told which centre columns are padding."""
 
-    def loss_fn(self, *, mesh=None, num_classes=None):
-        return super().loss_fn(mesh=mesh, num_classes=None)
+    def loss_fn(self, *, mesh=None, num_classes=None, steps_per_epoch=None):
+        return super().loss_fn(mesh=mesh, num_classes=None, steps_per_epoch=steps_per_epoch)
 
 
 def wrong_label(batch):

@@ -20,7 +20,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx,
     Args:
       state: the train state.
       batch: `image` uint8 `(B, H, W, 3)`, `label` int32 `(B,)`, `labels` float32 `(B, C)` multi-hot.
-      model, tx, loss_fn: the Linen model, optax optimiser and the task's `loss(outputs, params, batch)`.
+      model, tx, loss_fn: the Linen model, optax optimiser and the task's `loss(outputs, params, batch, step)`.
       ema_decay: the decay of the state's moving average of the weights (`state.ema`), if it keeps one.
 
     Returns:
@@ -33,7 +33,7 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model, tx,
             {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
             mutable=["batch_stats"], rngs={"dropout": dropout_rng},
         )
-        return loss_fn(outputs, params, batch), updates["batch_stats"]
+        return loss_fn(outputs, params, batch, step=state.step), updates["batch_stats"]
 
     (loss, batch_stats), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -66,7 +66,7 @@ def compile_steps(run) -> Steps:
     make_state = functools.partial(init_state, model=run.model, tx=run.tx, image_size=run.config.image_size,
                                    num_classes=run.num_classes, ema=run.config.ema_decay is not None)
     shardings = parallel.state_shardings(jax.eval_shape(make_state, jax.random.PRNGKey(0)), run.mesh)
-    loss_fn = run.task.loss_fn(mesh=run.mesh, num_classes=run.num_classes)
+    loss_fn = run.task.loss_fn(mesh=run.mesh, num_classes=run.num_classes, steps_per_epoch=run.steps_per_epoch)
     step = jax.jit(
         functools.partial(train_step, model=run.model, tx=run.tx, loss_fn=loss_fn, ema_decay=run.config.ema_decay),
         in_shardings=(shardings, sharded), out_shardings=(shardings, replicated), donate_argnums=0,
