@@ -84,6 +84,7 @@ def test_closest_centres_ignore_padding_and_warn_when_two_coincide(caplog):
         closest = loop.closest_centres(("a", "b", "c"), jax.numpy.asarray(centres))["closest_centres"]
     assert closest["concepts"] == ["a", "c"] and loop.MERGED_CENTRES_COSINE < closest["cosine"] < 1
     assert "centres of 'a' and 'c' point the same way" in caplog.text
+    assert "--angular_margin" in caplog.text and "--margin_warmup_epochs" in caplog.text  # the two remedies
     caplog.clear()
     with caplog.at_level(logging.WARNING, "jaxembed.train"):
         spread = loop.closest_centres(("a", "b"), jax.numpy.asarray(np.eye(4)[:, :3]))["closest_centres"]

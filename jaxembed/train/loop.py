@@ -156,7 +156,7 @@ def closest_centres(concepts, centers: jax.Array) -> dict:
     yet tell apart as their centres approach each other (log(1 + exp(s (cos a - cos(a + m)))) grows
     with the angle a between image and centre), so it can merge the centres of look-alike concepts
     (Fashion-MNIST's coats and pullovers at margin 0.3), and nearest-centre search then cannot separate
-    them; a smaller margin pulls less. Empty for one concept, more than MAX_CENTRES_COMPARED, or
+    them; a smaller margin pulls less, and so does one ramped up from 0 (`margin_warmup_epochs`). Empty for one concept, more than MAX_CENTRES_COMPARED, or
     centres spread over several processes."""
     if not 2 <= len(concepts) <= MAX_CENTRES_COMPARED or not centers.is_fully_addressable:
         return {}
@@ -164,7 +164,8 @@ def closest_centres(concepts, centers: jax.Array) -> dict:
     if cosine > MERGED_CENTRES_COSINE:
         log.warning("the ArcFace centres of %r and %r point the same way (cosine %.3f): the margin merged two "
                     "look-alike concepts, which nearest-centre search cannot tell apart; a smaller "
-                    "--angular_margin (0.1-0.2) keeps them apart", concepts[first], concepts[second], cosine)
+                    "--angular_margin (0.1-0.2), or the margin ramped up over the first epoch "
+                    "(--margin_warmup_epochs 1), keeps them apart", concepts[first], concepts[second], cosine)
     return {"closest_centres": {"concepts": [concepts[first], concepts[second]], "cosine": cosine}}
 
 
