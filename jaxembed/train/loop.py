@@ -156,8 +156,8 @@ def closest_centres(concepts, centers: jax.Array) -> dict:
     yet tell apart as their centres approach each other (log(1 + exp(s (cos a - cos(a + m)))) grows
     with the angle a between image and centre), so it can merge the centres of look-alike concepts
     (Fashion-MNIST's coats and pullovers at margin 0.3), and nearest-centre search then cannot separate
-    them; a smaller margin pulls less, and so does one ramped up from 0 (`margin_warmup_epochs`). Empty for one concept, more than MAX_CENTRES_COMPARED, or
-    centres spread over several processes."""
+    them; a smaller margin pulls less, and so does one ramped up from 0 (`margin_warmup_epochs`). Empty for
+    one concept, more than MAX_CENTRES_COMPARED, or centres spread over several processes."""
     if not 2 <= len(concepts) <= MAX_CENTRES_COMPARED or not centers.is_fully_addressable:
         return {}
     first, second, cosine = metrics.closest_pair(np.asarray(centers)[:, :len(concepts)].T)
