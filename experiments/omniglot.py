@@ -56,10 +56,11 @@ SETTINGS = {
 }
 
 
-def extract(split: str, root: str) -> str:
+def extract(split: str, root: str, zips: str = SHARED) -> str:
+    """`root/split`: the folder of `zips/split.zip`, extracted there unless it already is."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        with zipfile.ZipFile(os.path.join(SHARED, f"{split}.zip")) as archive:
+        with zipfile.ZipFile(os.path.join(zips, f"{split}.zip")) as archive:
             archive.extractall(root)
     return folder
 

@@ -18,5 +18,6 @@ def load(name: str) -> ModuleType:
         sys.path.append(str(EXPERIMENTS))
     spec = importlib.util.spec_from_file_location(f"{name}_experiment", EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
