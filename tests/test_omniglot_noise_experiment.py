@@ -1,0 +1,38 @@
+"""experiments/omniglot_noise.py: which runs count as seeds of one command, its table, bad workdirs
+(no scoring: that needs trained runs)."""
+
+import statistics
+
+import pytest
+
+import _experiment_script as experiment_script
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return experiment_script.load("omniglot_noise")
+
+
+def _row(run: str, seed: int, one_shot: float, **config) -> dict:
+    return {"run": run, "config": {"image_size": 80, "seed": seed, **config}, "one_shot_table_episodes": one_shot,
+            "episode_draws": [one_shot, one_shot + 0.002], "episode_draw_sd": 0.0014, "episodes": 20_000,
+            "one_shot": one_shot}
+
+
+def test_runs_differing_only_in_seed_form_a_group_with_their_spread(noise):
+    rows = [_row("a", 0, 0.78), _row("b", 1, 0.77), _row("c", 2, 0.76), _row("d", 0, 0.75, random_erasing=0.25),
+            _row("e", 0, 0.70, image_size=64)]
+    [group] = noise.seed_groups(rows)  # d and e changed a setting: not seeds of a's command
+    assert group["runs"] == ["a", "b", "c"] and group["seeds"] == [0, 1, 2]
+    assert group["mean"] == pytest.approx(0.77) and group["sd"] == pytest.approx(statistics.stdev([0.78, 0.77, 0.76]))
+    assert group["sd"] == pytest.approx(0.01)
+    table = noise.markdown(rows)
+    assert "| a | 0 | 0.780 | 0.0014 | 0.780 |" in table
+    assert "- a, b, c (seeds 0, 1, 2): one-shot mean 0.770, sd 0.010 over 20,000 episodes each" in table
+    assert "no runs of one command" in noise.markdown(rows[3:])
+
+
+def test_a_workdir_without_a_finished_run_is_refused_by_name(noise, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        noise.main([str(tmp_path), "--out", str(tmp_path / "noise")])
+    assert f"{tmp_path}: no summary.json, not a finished run" in capsys.readouterr().err
