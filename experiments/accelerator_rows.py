@@ -252,6 +252,8 @@ def train_within_budget(label: str, flags_for_epochs: Callable[[int], list[str]]
 def collect(folder: str, results: str, settings: Sequence[str], markdown: Callable[[list[dict]], str]) -> None:
     """Writes `results`.json and .md (`markdown` of the rows): the rows of `folder/<setting>.json` (a
     `*_gpu.py` script's outputs) over the rows already in `results`.json, in the order of `settings`."""
+    if not os.path.isdir(folder):
+        raise SystemExit(f"--collect {folder}: no such folder")
     new = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".json") and name[:-5] in settings:

@@ -53,3 +53,5 @@ def test_collect_orders_rows_as_the_settings_and_keeps_other_settings_rows(gpu, 
     assert "| 0.900 | 0.970 | 0.600 | 0.790 | top1 0.800 | 150 s | 6,123 | 1.4x | NVIDIA H200 |" in table
     with pytest.raises(SystemExit, match="no <setting>.json"):
         gpu.main(["--collect", str(tmp_path), "--results", str(results)])
+    with pytest.raises(SystemExit, match="--collect .*missing: no such folder"):
+        gpu.main(["--collect", str(tmp_path / "missing"), "--results", str(results)])
