@@ -46,13 +46,22 @@ def scored_run(workdir: str, test_images, *, episode_seeds: int, episodes: int) 
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
-    """Runs whose trainer configs differ only in `seed`, two or more: the spread of their accuracies."""
-    groups: dict[str, list[dict]] = {}
+    """Runs whose trainer configs differ only in `seed`, two or more: the spread of their accuracies.
+
+    Two runs are compared on the settings both record: a run from before an option existed (a key its
+    run.json lacks) ran without it."""
+    def same_command(a: dict, b: dict) -> bool:
+        return all(a[k] == b[k] for k in set(a) & set(b) - {"seed"})
+
+    groups: list[list[dict]] = []
     for row in rows:
-        key = repr(sorted((k, v) for k, v in row["config"].items() if k != "seed"))
-        groups.setdefault(key, []).append(row)
+        group = next((g for g in groups if same_command(g[0]["config"], row["config"])), None)
+        if group is None:
+            groups.append([row])
+        else:
+            group.append(row)
     summaries = []
-    for members in groups.values():
+    for members in groups:
         if len(members) < 2:
             continue
         accuracies = [row["one_shot"] for row in members]
