@@ -27,7 +27,7 @@ TABLE_EPISODES = omniglot.RETRIEVAL["episodes"]
 
 def scored_run(workdir: str, test_images, *, episode_seeds: int, episodes: int) -> dict:
     """One run's one-shot accuracy over `episode_seeds` draws of the table's episodes, and over `episodes`."""
-    from jaxembed import fileio, metrics
+    from jaxembed import metrics
 
     _, outputs = runner.embed(workdir, test_images)
     names = runner.concept_names(test_images, outputs["index"])
@@ -38,30 +38,29 @@ def scored_run(workdir: str, test_images, *, episode_seeds: int, episodes: int) 
                                                n_way=omniglot.RETRIEVAL["n_way"], episodes=count, seed=seed)
 
     draws = [one_shot(TABLE_EPISODES, seed) for seed in range(episode_seeds)]  # seed 0: the table's draw
-    config = fileio.read_json(os.path.join(workdir, "run.json"))["config"]
-    return {"run": os.path.basename(os.path.normpath(workdir)), "config": config,
+    return {"run": os.path.basename(os.path.normpath(workdir)), "config": run_config(workdir),
             "one_shot_table_episodes": draws[0], "episode_draws": draws,
             "episode_draw_sd": statistics.stdev(draws) if len(draws) > 1 else None,
             "episodes": episodes, "one_shot": one_shot(episodes, seed=episode_seeds)}
 
 
+def run_config(workdir: str) -> dict:
+    """The run's whole trainer config as `RunDir.config` reads it: an option newer than the run (a key
+    its run.json lacks) has its default, which is what the run trained with."""
+    from jaxembed import rundir
+
+    config = rundir.RunDir(workdir).config()
+    return {"template": config.template.name, **config}
+
+
 def seed_groups(rows: list[dict]) -> list[dict]:
-    """Runs whose trainer configs differ only in `seed`, two or more: the spread of their accuracies.
-
-    Two runs are compared on the settings both record: a run from before an option existed (a key its
-    run.json lacks) ran without it."""
-    def same_command(a: dict, b: dict) -> bool:
-        return all(a[k] == b[k] for k in set(a) & set(b) - {"seed"})
-
-    groups: list[list[dict]] = []
+    """Runs whose trainer configs differ only in `seed`, two or more: the spread of their accuracies."""
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        group = next((g for g in groups if same_command(g[0]["config"], row["config"])), None)
-        if group is None:
-            groups.append([row])
-        else:
-            group.append(row)
+        key = repr(sorted((k, v) for k, v in row["config"].items() if k != "seed"))
+        groups.setdefault(key, []).append(row)
     summaries = []
-    for members in groups:
+    for members in groups.values():
         if len(members) < 2:
             continue
         accuracies = [row["one_shot"] for row in members]

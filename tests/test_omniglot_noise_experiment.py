@@ -22,9 +22,9 @@ def _row(run: str, seed: int, one_shot: float, **config) -> dict:
 
 def test_runs_differing_only_in_seed_form_a_group_with_their_spread(noise):
     rows = [_row("a", 0, 0.78, random_erasing=0.0), _row("b", 1, 0.77, random_erasing=0.0),
-            _row("c", 2, 0.76, random_erasing=0.0, margin_warmup_epochs=0.0),  # an option newer than a and b
-            _row("d", 0, 0.75, random_erasing=0.25), _row("e", 0, 0.70, image_size=64, random_erasing=0.0),
-            _row("f", 1, 0.74, image_size=64)]  # e's seed 1
+            _row("c", 2, 0.76, random_erasing=0.0), _row("d", 0, 0.75, random_erasing=0.25),
+            _row("e", 0, 0.70, image_size=64, random_erasing=0.0),
+            _row("f", 1, 0.74, image_size=64, random_erasing=0.0)]  # e's seed 1
     group, other = noise.seed_groups(rows)  # d and e changed a setting: not seeds of a's command
     assert group["runs"] == ["a", "b", "c"] and group["seeds"] == [0, 1, 2]
     assert other["runs"] == ["e", "f"] and other["mean"] == pytest.approx(0.72)
@@ -34,6 +34,18 @@ def test_runs_differing_only_in_seed_form_a_group_with_their_spread(noise):
     assert "| a | 0 | 0.780 | 0.0014 | 0.780 |" in table
     assert "- a, b, c (seeds 0, 1, 2): one-shot mean 0.770, sd 0.010 over 20,000 episodes each" in table
     assert "no runs of one command" in noise.markdown(rows[3:5])
+
+
+def test_a_run_from_before_an_option_reads_with_its_default(noise, tmp_path):
+    """Seeds of one command must group even when one run predates an option (seeds 0-1 of the Omniglot
+    default have no margin_warmup_epochs in run.json, seed 2 has 0.0): `run_config` fills the default."""
+    from jaxembed import fileio, templates
+
+    config = templates.get("inception_bn").config(seed=1, margin_warmup_epochs=0.0)
+    recorded = {"template": "inception_bn", **config}
+    older = {k: v for k, v in recorded.items() if k != "margin_warmup_epochs"}
+    fileio.write_json(str(tmp_path / "run.json"), {"config": older})
+    assert noise.run_config(str(tmp_path)) == recorded
 
 
 def test_a_workdir_without_a_finished_run_is_refused_by_name(noise, tmp_path, capsys):
