@@ -160,7 +160,7 @@ class BudgetRow:
     first_step_seconds: float  # the row's own first step, which recompiles for its schedule
     train_seconds: float  # every step of the row, its first included
     epoch_end_losses: list[float]
-    loss_windows: list[tuple[int, float, float]]  # (last step, mean loss, largest step loss) per window
+    loss_windows: list[dict]  # the trainer's loss records: step, epoch, loss (window mean), loss_max
 
     @property
     def images_seen(self) -> int:
@@ -180,22 +180,18 @@ class BudgetRow:
                 "images_per_second_after_first_step":
                     (self.images_seen - batch) / max(self.train_seconds - self.first_step_seconds, 1e-9),
                 "epoch_end_losses": self.epoch_end_losses, "loss_windows": self.loss_windows,
-                "largest_loss_spike": largest_loss_spike(self.loss_windows,
-                                                         self.run.config.warmup_epochs * self.run.steps_per_epoch)}
+                "largest_loss_spike": runner.largest_loss_spike(self.loss_windows, self.run.config.warmup_epochs)}
 
 
-def loss_windows(step_losses: np.ndarray, window: int) -> list[tuple[int, float, float]]:
-    """`(step, mean, max)` of each run of `window` step losses, as the trainer logs them (`loss`,
-    `loss_max`); `step` counts from 1 and ends the window. A last, shorter window is kept."""
-    return [(min(start + window, len(step_losses)), float(np.mean(step_losses[start:start + window])),
-             float(np.max(step_losses[start:start + window]))) for start in range(0, len(step_losses), window)]
-
-
-def largest_loss_spike(windows: Sequence[tuple[int, float, float]], warmup_steps: float) -> float | None:
-    """After the warmup, the largest ratio of a window's largest step loss to its mean (the trainer's
-    `loss_max / loss`, `runner.TrainedRun.largest_loss_spike`): over 3 means a spike."""
-    ratios = [peak / mean for step, mean, peak in windows if step > warmup_steps and mean > 0]
-    return max(ratios, default=None)
+def loss_windows(step_losses: np.ndarray, window: int, steps_per_epoch: int) -> list[dict]:
+    """The trainer's metrics.jsonl loss records (`step`, `epoch`, `loss`: the window's mean, `loss_max`) of
+    each run of `window` step losses; `step` counts from 1 and ends the window. A last, shorter window is kept."""
+    records = []
+    for start in range(0, len(step_losses), window):
+        losses, step = step_losses[start:start + window], min(start + window, len(step_losses))
+        records.append({"step": step, "epoch": step / steps_per_epoch, "loss": float(np.mean(losses)),
+                        "loss_max": float(np.max(losses))})
+    return records
 
 
 def train_within_budget(label: str, flags_for_epochs: Callable[[int], list[str]], data, pool, *, seconds: float,
@@ -246,7 +242,7 @@ def train_within_budget(label: str, flags_for_epochs: Callable[[int], list[str]]
                      compile_seconds=compile_seconds, probe_images_per_second=probe_rate,
                      first_step_seconds=first_step_seconds, train_seconds=train_seconds, epoch_end_losses=losses,
                      loss_windows=loss_windows(np.asarray(jax.device_get(step_losses), np.float64),
-                                               run.config.log_every))
+                                               run.config.log_every, run.steps_per_epoch))
 
 
 def collect(folder: str, results: str, settings: Sequence[str], markdown: Callable[[list[dict]], str]) -> None:
@@ -296,7 +292,8 @@ def parse_or_collect(parser: argparse.ArgumentParser, argv: list[str] | None, se
 
 def write_row(out: str, row: dict) -> None:
     """`out/<setting>.json`, and the row's headline on stdout."""
+    from jaxembed import fileio
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{row['setting']}.json"), "w") as f:
-        json.dump(row, f, indent=1)
+    fileio.write_json(os.path.join(out, f"{row['setting']}.json"), row)  # atomic: a killed run leaves no half row
     print(json.dumps({k: row[k] for k in ("setting", "num_epochs", "train_seconds", "test", "holdout")}), flush=True)

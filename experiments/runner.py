@@ -76,10 +76,7 @@ class TrainedRun:
         """After the warmup, the largest ratio of a step's loss to the mean loss of its logging window
         (`loss_max / loss` in metrics.jsonl): over 3 means a spike. None for a run that logged no
         `loss_max` (older runs) or nothing after the warmup."""
-        warmup = self.run_dir.config().warmup_epochs
-        ratios = [r["loss_max"] / r["loss"] for r in self.run_dir.metrics()
-                  if "loss_max" in r and r.get("epoch", 0) > warmup and r["loss"] > 0]
-        return max(ratios, default=None)
+        return largest_loss_spike(self.run_dir.metrics(), self.run_dir.config().warmup_epochs)
 
     def loss_curve(self, png: str) -> str:
         """Writes the run's one-page report (loss and learning-rate curves, neighbours, PCA of its
@@ -90,6 +87,14 @@ class TrainedRun:
         os.makedirs(os.path.dirname(png), exist_ok=True)
         shutil.copyfile(files.png, png)
         return png
+
+
+def largest_loss_spike(records: Sequence[dict], warmup_epochs: float) -> float | None:
+    """After the warmup, the largest ratio of a logging window's largest step loss to its mean (`loss_max /
+    loss` of metrics.jsonl records): over 3 means a spike. None when no record has both after the warmup."""
+    ratios = [r["loss_max"] / r["loss"] for r in records
+              if "loss_max" in r and r.get("epoch", 0) > warmup_epochs and r["loss"] > 0]
+    return max(ratios, default=None)
 
 
 def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> TrainedRun:

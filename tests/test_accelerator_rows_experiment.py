@@ -69,15 +69,20 @@ def test_loss_windows_are_what_the_trainer_logs_for_the_same_step_losses(rows_li
         log.record(step, {"loss": loss})
     log.close()
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    expected = [(r["step"], r["loss"], r["loss_max"]) for r in logged]
-    assert [w[0] for w in expected] == [5, 10, 15, 20, 23]
-    np.testing.assert_allclose(rows_lib.loss_windows(losses, 5), expected, rtol=1e-12)
+    assert [r["step"] for r in logged] == [5, 10, 15, 20, 23]
+    windows = rows_lib.loss_windows(losses, 5, run.steps_per_epoch)
+    assert [(w["step"], w["epoch"]) for w in windows] == [(r["step"], r["epoch"]) for r in logged]
+    np.testing.assert_allclose([(w["loss"], w["loss_max"]) for w in windows],
+                               [(r["loss"], r["loss_max"]) for r in logged], rtol=1e-12)
 
 
 def test_largest_loss_spike_is_the_largest_max_over_mean_after_the_warmup(rows_lib):
-    windows = rows_lib.loss_windows(np.array([9.0, 1.0, 2.0, 6.0, 2.0, 1.0, 3.0]), 2)
-    assert windows == [(2, 5.0, 9.0), (4, 4.0, 6.0), (6, 1.5, 2.0), (7, 3.0, 3.0)]
-    # The first window (ratio 1.8) ends inside a 3-step warmup; then 6/4, 2/1.5, 3/3.
-    assert rows_lib.largest_loss_spike(windows, warmup_steps=3) == pytest.approx(1.5)
-    assert rows_lib.largest_loss_spike(windows, warmup_steps=0) == pytest.approx(1.8)
-    assert rows_lib.largest_loss_spike(windows, warmup_steps=7) is None
+    """The rows' spike is the trainer runs' (`runner.largest_loss_spike`) on records of the same form."""
+    windows = rows_lib.loss_windows(np.array([9.0, 1.0, 2.0, 6.0, 2.0, 1.0, 3.0]), 2, steps_per_epoch=1)
+    assert [(w["step"], w["loss"], w["loss_max"]) for w in windows] == [(2, 5.0, 9.0), (4, 4.0, 6.0),
+                                                                       (6, 1.5, 2.0), (7, 3.0, 3.0)]
+    spike = rows_lib.runner.largest_loss_spike
+    # The first window (ratio 1.8) ends inside a 3-epoch warmup (1 step an epoch); then 6/4, 2/1.5, 3/3.
+    assert spike(windows, warmup_epochs=3) == pytest.approx(1.5)
+    assert spike(windows, warmup_epochs=0) == pytest.approx(1.8)
+    assert spike(windows, warmup_epochs=7) is None
