@@ -108,6 +108,20 @@ def with_glyph_copies(folder: str, rotations: int, mirror: bool = False) -> str:
     return target
 
 
+def splits(workdir: str, zips: str = SHARED):
+    """`(training folder, test images)`: background_small1 extracted into `workdir`, and the images of
+    background_small2 (extracted beside it) whose concepts it lacks (`unseen_concepts`), logged."""
+    from jaxembed import data as data_lib
+
+    train_folder = extract("images_background_small1", workdir, zips)
+    all_test_images = data_lib.load_source(extract("images_background_small2", workdir, zips))
+    test_images = unseen_concepts(all_test_images, data_lib.load_source(train_folder))
+    print(f"test set: {len(test_images)} images of {len(test_images.concepts)} concepts; left out "
+          f"{len(all_test_images) - len(test_images)} images of concepts also in the training split",
+          file=sys.stderr, flush=True)
+    return train_folder, test_images
+
+
 def unseen_concepts(test_images, train_images):
     """The images of `test_images` whose concepts `train_images` lacks, with their own concept list."""
     seen = set(train_images.concepts)
@@ -191,16 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "omniglot.json"))
     args = parser.parse_args(argv)
 
-    from jaxembed import data as data_lib
-
-    original_train_folder = extract("images_background_small1", args.workdir)
-    test_folder = extract("images_background_small2", args.workdir)
-    all_test_images = data_lib.load_source(test_folder)
-    test_images = unseen_concepts(all_test_images, data_lib.load_source(original_train_folder))
+    original_train_folder, test_images = splits(args.workdir)
     train_folder = with_glyph_copies(original_train_folder, args.rotations, args.mirror)
-    print(f"test set: {len(test_images)} images of {len(test_images.concepts)} concepts; left out "
-          f"{len(all_test_images) - len(test_images)} images of concepts also in the training split",
-          file=sys.stderr, flush=True)
     rows = {row["method"]: row for row in runner.previous_rows(args.out)}
     baseline = baseline_row(test_images, args.image_size)
     rows[baseline["method"]] = baseline

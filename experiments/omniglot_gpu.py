@@ -98,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxembed import data as data_lib
 
-    original = omniglot.extract("images_background_small1", args.workdir, args.zips)
-    test_folder = omniglot.extract("images_background_small2", args.workdir, args.zips)
-    test_images = omniglot.unseen_concepts(data_lib.load_source(test_folder), data_lib.load_source(original))
+    original, test_images = omniglot.splits(args.workdir, args.zips)
     train_folder = omniglot.with_glyph_copies(original, rotations=4, mirror=True)
     data = data_lib.load_source(train_folder)
     with accelerator_rows.worker_pool(data.items, args.workers) as pool:

@@ -101,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(os.path.join(workdir, "summary.json")):
             parser.error(f"{workdir}: no summary.json, not a finished run")
 
-    from jaxembed import data as data_lib
-
-    test_images = omniglot.unseen_concepts(
-        data_lib.load_source(omniglot.extract("images_background_small2", args.workdir)),
-        data_lib.load_source(omniglot.extract("images_background_small1", args.workdir)))
+    _, test_images = omniglot.splits(args.workdir)
     rows = {row["run"]: row for row in runner.previous_rows(args.out + ".json")}
     for workdir in args.workdirs:
         row = scored_run(workdir, test_images, episode_seeds=args.episode_seeds, episodes=args.episodes)
