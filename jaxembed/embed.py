@@ -85,13 +85,26 @@ class Embedder:
         return self.task.predict(self._outputs(images))
 
 
-def load(workdir: str, *, step: int | None = None) -> Embedder:
+# The settings that choose a classifier's embedding without changing its parameters (`models.taps`).
+EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling")
+
+
+def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder:
     """The embedder of the run in `workdir`, from its newest checkpoint (or `step`).
 
+    `embedding`: `embedding_layer=` and/or `embedding_pooling=` to embed from another block than the
+    run was trained with (they change no parameter, so any finished classifier run can be read so).
     Reads the run through `jaxembed.rundir.RunDir` without locking it: safe while the run trains.
     """
+    unknown = sorted(set(embedding) - set(EMBEDDING_SETTINGS))
+    if unknown:
+        raise TypeError(f"load() got {', '.join(unknown)}; it takes {', '.join(EMBEDDING_SETTINGS)}")
     run = rundir.RunDir(workdir)
     config, concepts = run.config(), run.concepts()
+    if embedding and config.embedding_neck != "none":
+        raise ValueError(f"{workdir}: embedding_neck={config.embedding_neck!r} keeps a running mean of the run's "
+                         f"own embedding, so another embedding_layer or embedding_pooling cannot be read from it")
+    config = config.replace(**embedding)
     variables, _ = run.variables(step)
     # The checkpoint's ArcFace centres lost their model-parallel padding: build the model unpadded.
     model = tasks.build_model(config.replace(model_parallelism=1), len(concepts))

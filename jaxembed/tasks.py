@@ -110,16 +110,19 @@ class ArcFace(Task):
 @dataclasses.dataclass(frozen=True)
 class _Classifier(Task):
     """A linear classifier on the pooled backbone features, whose embedding is those features (centred
-    on their running mean with `embedding_neck="center"`)."""
+    on their running mean with `embedding_neck="center"`), or a tapped block's map pooled by
+    `embedding_pooling` (the backbone is built with `tap=embedding_layer`, see `build_model`)."""
 
     embedding_neck: str = "none"
+    embedding_pooling: str = "avg"
 
     def initial_bias(self, num_outputs: int) -> float:
         return 0.0
 
     def build_model(self, backbone, num_outputs, *, dtype=jnp.float32):
         return heads.ClassifierModel(backbone=backbone, num_classes=num_outputs, dtype=dtype,
-                                     bias_init=self.initial_bias(num_outputs), embedding_neck=self.embedding_neck)
+                                     bias_init=self.initial_bias(num_outputs), embedding_neck=self.embedding_neck,
+                                     embedding_pooling=self.embedding_pooling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,13 +179,17 @@ def for_config(config: templates.Config) -> Task:
     if config.margin_warmup_epochs and config.template.head != "arcface":
         raise ValueError(f"margin_warmup_epochs={config.margin_warmup_epochs} applies to the ArcFace template "
                          f"(resnet_angular_margin) only")
+    if config.template.head == "arcface" and (config.embedding_layer or config.embedding_pooling != "avg"):
+        raise ValueError("embedding_layer and embedding_pooling choose a classifier template's embedding; the "
+                         "ArcFace template (resnet_angular_margin) embeds with its own head")
     if config.template.head == "arcface":
         return ArcFace(scale=float(config.angular_scale), margin=float(config.angular_margin),
                        embeddings_size=int(config.embeddings_size),
                        margin_warmup_epochs=float(config.margin_warmup_epochs))
+    embedding = {"embedding_neck": config.embedding_neck, "embedding_pooling": config.embedding_pooling}
     if config.logreg:
-        return Sigmoid(embedding_neck=config.embedding_neck)
-    return Softmax(embedding_neck=config.embedding_neck, label_smoothing=config.label_smoothing)
+        return Sigmoid(**embedding)
+    return Softmax(**embedding, label_smoothing=config.label_smoothing)
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -190,9 +197,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 
 def build_model(config: templates.Config, num_classes: int) -> nn.Module:
     """The template model of `config` for `num_classes` concepts: its backbone (`config.arch`, in
-    `config.dtype`, rematerialised with `config.remat`, with `config.stem`) under its task's head, taking raw uint8 NHWC
-    images. ArcFace centres are padded to a multiple of `config.model_parallelism`."""
+    `config.dtype`, rematerialised with `config.remat`, with `config.stem`, tapped at `config.embedding_layer`)
+    under its task's head, taking raw uint8 NHWC images. ArcFace centres are padded to a multiple of `config.model_parallelism`."""
     dtype = DTYPES[config.dtype]
     task = for_config(config)
-    backbone = models.create(config.arch, dtype=dtype, remat=config.remat, stem=config.stem)
+    backbone = models.create(config.arch, dtype=dtype, remat=config.remat, stem=config.stem,
+                             tap=config.embedding_layer)
     return task.build_model(backbone, task.num_outputs(num_classes, config.model_parallelism), dtype=dtype)

@@ -325,6 +325,12 @@ RUN_OPTIONS = _hparams(
            "with this decay (e.g. 0.999; unset: off); evaluation, jaxembed.load, embed and export then use it"),
     HParam("embedding_neck", str, "none", help="classifier templates' embedding: the pooled features as they "
            "are (none) or centred on their running mean (center)", choices=("none", "center")),
+    HParam("embedding_layer", str, None, help="classifier templates: a backbone block (jaxembed.models.block_names"
+           "(arch), e.g. inception_4d, stage3_block5) whose output map, pooled by embedding_pooling, is the embedding "
+           "instead of the last pooled features; for concepts the model never saw (changes only the embedding, not "
+           "training; experiments/omniglot_embeddings.py)"),
+    HParam("embedding_pooling", str, "avg", help="how embedding_layer's map is pooled: average, maximum, or the "
+           "generalised mean (gem, p=3)", choices=models.POOLINGS),
     HParam("stem", str, "imagenet", help="backbone stem: the ImageNet 7x7/2 convolution and max-pool, or one 3x3 "
            "convolution of stride 1 (small) or 2 (small_s2, ~4x cheaper) without max-pool for 32-64 px images "
            "(pretrained weights need imagenet)", choices=models.STEMS),

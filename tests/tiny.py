@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxembed import data as data_lib
 from jaxembed import models, templates
+from jaxembed.models.taps import check_tap, with_tapped
 
 CHANNELS, GRID = 8, 4
 FEATURES = CHANNELS * GRID * GRID
@@ -29,26 +30,33 @@ FEATURES = CHANNELS * GRID * GRID
 
 class SmoothBlock(nn.Module):
     """3x3 conv (stride 2, 8 channels) -> batch norm -> tanh -> mean over a 4x4 grid of cells, flattened:
-    `(B, H, W, 3) -> (B, 128)`, H and W multiples of 8. The grid keeps where a stroke is, which a digit needs."""
+    `(B, H, W, 3) -> (B, 128)`, H and W multiples of 8. The grid keeps where a stroke is, which a digit needs.
+    Its one block is "conv": `tap="conv"` also returns the tanh map `(B, H/2, W/2, 8)` (`models.taps`)."""
 
     num_classes: int | None = None
     dtype: Any = jnp.float32
     remat: bool = False
     conv_impl: str = "auto"
+    tap: str | None = None
+
+    def block_names(self) -> tuple[str, ...]:
+        return ("conv",)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        check_tap(self.tap, self.block_names(), "tiny")
         params = jnp.float64 if jnp.dtype(self.dtype) == jnp.float64 else jnp.float32
         # No bias before batch norm (as in the real backbones): its gradient is zero up to rounding.
         x = nn.Conv(CHANNELS, (3, 3), strides=2, use_bias=False, dtype=self.dtype, param_dtype=params, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                          param_dtype=params, name="bn")(x)
         batch, height, width, channels = x.shape
-        cells = jnp.tanh(x).reshape(batch, GRID, height // GRID, GRID, width // GRID, channels)
+        block_map = jnp.tanh(x)
+        cells = block_map.reshape(batch, GRID, height // GRID, GRID, width // GRID, channels)
         features = jnp.mean(cells, axis=(2, 4)).reshape(batch, FEATURES).astype(params)
-        if self.num_classes is None:
-            return features
-        return nn.Dense(self.num_classes, dtype=params, param_dtype=params, name="classifier")(features)
+        if self.num_classes is not None:
+            features = nn.Dense(self.num_classes, dtype=params, param_dtype=params, name="classifier")(features)
+        return with_tapped(features, block_map, self.tap)
 
 
 if "tiny" not in models.registered_archs():

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxembed.models import inception_bn, resnet
-from jaxembed.models.heads import ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
+from jaxembed.models.heads import POOLINGS, ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
 from jaxembed.models.pretrained import load_pretrained, merge_backbone
 from jaxembed.models.stems import STEMS
 
@@ -62,7 +62,7 @@ def _lookup(arch: str) -> tuple[Callable[..., nn.Module], int]:
 
 def create(
     arch: str, *, num_classes: int | None = None, dtype: Any = jnp.float32, remat: bool = False,
-    conv_impl: str = "auto", stem: str = "imagenet",
+    conv_impl: str = "auto", stem: str = "imagenet", tap: str | None = None,
 ) -> nn.Module:
     """Backbone `arch` as a Linen module.
 
@@ -77,12 +77,24 @@ def create(
     stem: "imagenet" (the published networks'), "small" or "small_s2" (one 3x3 convolution of stride 1
       or 2, no max-pool: for 32-64 px images; see `jaxembed.models.stems`); a registered backbone gets
       `stem=` only when it is not "imagenet".
+    tap: a block's name (`block_names(arch)`): the module then returns `(features or logits, that block's
+      (B, h, w, C) output map)` (`jaxembed.models.taps`); a registered backbone gets `tap=` only when set.
     """
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is invalid: expected one of {', '.join(STEMS)}")
     constructor, _ = _lookup(arch)
     extra = {} if stem == "imagenet" else {"stem": stem}
+    if tap is not None:
+        extra["tap"] = tap
     return constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl, **extra)
+
+
+def block_names(arch: str) -> tuple[str, ...]:
+    """The blocks of `arch` whose output map `create(arch, tap=...)` can return, input side first."""
+    module = create(arch)
+    if not hasattr(module, "block_names"):
+        raise ValueError(f"arch {arch!r} does not name its blocks (no block_names method), so it has no tap")
+    return module.block_names()
 
 
 def feature_dim(arch: str) -> int:
@@ -92,8 +104,10 @@ def feature_dim(arch: str) -> int:
 
 __all__ = [
     "ARCHS",
+    "POOLINGS",
     "ArcFaceModel",
     "ClassifierModel",
+    "block_names",
     "create",
     "feature_dim",
     "l2_normalize",

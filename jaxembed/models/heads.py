@@ -54,13 +54,32 @@ def _head_batch_norm(train: bool, name: str, dtype: Any, use_scale: bool = True)
     )
 
 
+POOLINGS = ("avg", "max", "gem")
+GEM_POWER = 3.0  # Radenovic et al. 2018's generalised mean, which they found best for retrieval at p = 3
+
+
+def pool(feature_map: jax.Array, how: str) -> jax.Array:
+    """(B, h, w, C) -> (B, C): the average, the maximum, or the generalised mean (mean of x^3)^(1/3),
+    between the two, over positions. The maps pooled here are post-ReLU, so x >= 0; "gem" clamps at
+    1e-6 so that the cube root's gradient stays finite."""
+    if how == "avg":
+        return jnp.mean(feature_map, axis=(1, 2))
+    if how == "max":
+        return jnp.max(feature_map, axis=(1, 2))
+    if how == "gem":
+        return jnp.mean(jnp.maximum(feature_map, 1e-6) ** GEM_POWER, axis=(1, 2)) ** (1.0 / GEM_POWER)
+    raise ValueError(f"embedding_pooling={how!r}: expected one of {', '.join(POOLINGS)}")
+
+
 class ClassifierModel(nn.Module):
     """Backbone + linear classifier (the inception_bn and resnext templates).
 
     `__call__(images, train=False)` -> {
-      "embedding": L2-normalised pooled backbone features (B, feature_dim) float32,
+      "embedding": L2-normalised pooled backbone features (B, feature_dim) float32, or, for a backbone
+        built with `tap` (`jaxembed.models.taps`), the tapped block's map pooled by `embedding_pooling`,
       "logits": Dense(num_classes) on the un-normalised pooled features (B, num_classes) float32,
-    }. The loss decides between softmax and sigmoid; no activation here.
+    }. The loss decides between softmax and sigmoid; no activation here. The tap changes only the
+    embedding: parameters, logits and so training are the same with or without it.
     """
 
     backbone: nn.Module
@@ -68,15 +87,25 @@ class ClassifierModel(nn.Module):
     dtype: Any = jnp.float32
     bias_init: float = 0.0  # the classifier's initial bias (a prior; see `tasks.Sigmoid`)
     embedding_neck: str = "none"  # "center": subtract the features' running mean before normalising
+    embedding_pooling: str = "avg"  # of the tapped block's map (`pool`)
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
         dtype = head_dtype(self.dtype)
-        features = self.backbone(normalize_images(images, self.dtype), train=train).astype(dtype)
+        outputs = self.backbone(normalize_images(images, self.dtype), train=train)
+        features, block_map = outputs if isinstance(outputs, tuple) else (outputs, None)
+        features = features.astype(dtype)
         classifier = nn.Dense(self.num_classes, dtype=dtype, param_dtype=dtype,
                               bias_init=nn.initializers.constant(self.bias_init), name="classifier")
         logits = classifier(features)
-        embedding = as_float(features)
+        if block_map is not None:
+            embedding = pool(block_map.astype(dtype), self.embedding_pooling)
+        elif self.embedding_pooling == "avg":
+            embedding = as_float(features)
+        else:
+            raise ValueError(f"embedding_pooling={self.embedding_pooling!r} pools a block's map: name the block "
+                             f"(embedding_layer, the backbone's tap); without one the embedding is the "
+                             f"backbone's average-pooled features")
         if self.embedding_neck == "center":
             embedding = embedding - self._running_mean(jax.lax.stop_gradient(embedding), train)
         return {"embedding": l2_normalize(embedding), "logits": logits}

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
 from jaxembed.models.stems import SMALL_STEM_STRIDES
+from jaxembed.models.taps import check_tap, with_tapped
 
 FEATURE_DIM = 1024
 
@@ -171,9 +172,10 @@ class InceptionBN(nn.Module):
       stem: "imagenet" (7x7/2 convolution and max-pool before conv2: 1/8 resolution into inception_3a)
         "small" (a 3x3 stride-1 convolution `conv1_3x3_s1`, no first max-pool: 1/2) or "small_s2"
         (`conv1_3x3_s2`, stride 2: 1/4), for 32-64 px (`jaxembed.models.stems`).
+      tap: the name of an inception block (`block_names()`) whose output map is also returned.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 1024) float32
-    features, or (B, num_classes) float32 logits.
+    features, or (B, num_classes) float32 logits; with `tap`, `(those, the block's (B, h, w, C) map)`.
     """
 
     num_classes: int | None = None
@@ -181,9 +183,14 @@ class InceptionBN(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     stem: str = "imagenet"
+    tap: str | None = None
+
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in INCEPTION_BLOCKS)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        check_tap(self.tap, self.block_names(), "inception_bn")
         block_cls = nn.remat(InceptionBlock, static_argnums=(2,)) if self.remat else InceptionBlock
 
         if self.stem in SMALL_STEM_STRIDES:
@@ -198,12 +205,15 @@ class InceptionBN(nn.Module):
         x = ConvBNReLU(192, kernel=3, padding=1, conv_impl=self.conv_impl, dtype=self.dtype, name="conv2_3x3")(x, train)
         x = _max_pool_s2(x)
 
+        tapped = None
         for name, spec in INCEPTION_BLOCKS:
             x = block_cls(spec=spec, conv_impl=self.conv_impl, dtype=self.dtype, name=name)(x, train)
+            tapped = x if name == self.tap else tapped
 
         # Global average pooling in float32 (any input size; accurate under bfloat16).
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes is None:
-            return features
+            return with_tapped(features, tapped, self.tap)
         # Tiny next to the backbone: keep logits in float32.
-        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="last_linear")(features)
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="last_linear")(features)
+        return with_tapped(logits, tapped, self.tap)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
 from jaxembed.models.stems import SMALL_STEM_STRIDES
+from jaxembed.models.taps import check_tap, with_tapped
 
 FEATURE_DIM = 2048  # 512 planes * bottleneck expansion 4
 
@@ -134,9 +135,10 @@ class ResNet(nn.Module):
         (one 3x3 stride-1 convolution, no pool: full resolution) or "small_s2" (3x3 stride 2: 1/2), for
         32-64 px images, where the ImageNet stem leaves stage 4 with a 1x1 map whose 3x3 convolutions
         see only their centre tap (`jaxembed.models.stems`).
+      tap: the name of a block (`block_names()`, e.g. "stage3_block5") whose output map is also returned.
 
     `__call__(x, train=False)`: x (B, H, W, 3) float -> (B, 2048) float32
-    features, or (B, num_classes) float32 logits.
+    features, or (B, num_classes) float32 logits; with `tap`, `(those, the block's (B, h, w, C) map)`.
     """
 
     stage_sizes: Sequence[int]
@@ -148,9 +150,15 @@ class ResNet(nn.Module):
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
     stem: str = "imagenet"
+    tap: str | None = None
+
+    def block_names(self) -> tuple[str, ...]:
+        return tuple(_block_name(stage, block) for stage, num_blocks in enumerate(self.stage_sizes)
+                     for block in range(num_blocks))
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        check_tap(self.tap, self.block_names(), type(self).__name__)
         block_cls = nn.remat(Bottleneck, static_argnums=(2,)) if self.remat else Bottleneck
 
         if self.stem in SMALL_STEM_STRIDES:
@@ -161,10 +169,12 @@ class ResNet(nn.Module):
             x = nn.relu(_batch_norm(train, self.dtype, "stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+        tapped = None
         for stage, num_blocks in enumerate(self.stage_sizes):
             planes = 64 * 2**stage
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
+                name = _block_name(stage, block)
                 x = block_cls(
                     planes=planes,
                     stride=stride,
@@ -173,17 +183,24 @@ class ResNet(nn.Module):
                     zero_init_residual=self.zero_init_residual,
                     conv_impl=self.conv_impl,
                     dtype=self.dtype,
-                    name=f"stage{stage + 1}_block{block}",
+                    name=name,
                 )(x, train)
+                tapped = x if name == self.tap else tapped
 
         # Global average pooling in float32: works at every input size and keeps
         # the mean over many positions accurate under bfloat16.
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.num_classes is None:
-            return features
+            return with_tapped(features, tapped, self.tap)
         # The classifier is a tiny fraction of the compute; run it in float32 so
         # logits are not rounded to bfloat16 before the loss.
-        return nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="classifier")(features)
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="classifier")(features)
+        return with_tapped(logits, tapped, self.tap)
+
+
+def _block_name(stage: int, block: int) -> str:
+    """torchvision's layer<stage>.<block>, as a Linen module name (stages counted from 0 here)."""
+    return f"stage{stage + 1}_block{block}"
 
 
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
