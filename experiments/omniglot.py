@@ -35,7 +35,7 @@ import tempfile
 import zipfile
 
 import runner  # experiments/runner.py: this script's folder is on sys.path
-from jaxembed.models.stems import STEMS
+from jaxembed.models import POOLINGS, STEMS
 
 SHARED = os.path.join(runner.REPO, "..", "shared", "datasets", "omniglot")
 # Leave-one-out retrieval and 20-way one-shot episodes within an alphabet, the same for every row.
@@ -139,7 +139,10 @@ def baseline_row(images, image_size: int) -> dict:
 
 # The script's arguments a row's command depends on, kept in the row (`script_args`) to rebuild it.
 SCRIPT_ARGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "mirror", "rotation_degrees",
-               "shear_degrees", "trainer_flags")
+               "shear_degrees", "embedding_layer", "embedding_pooling", "trainer_flags")
+# The classifier's embedding for characters it never saw: chosen on an alphabet left out of training
+# (experiments/omniglot_embeddings.py), not on the test set. Rows from before it lack the two script args.
+EMBEDDING = {"embedding_layer": "inception_4c", "embedding_pooling": "gem"}
 
 
 def train_flags(name: str, args, train_folder: str) -> list[str]:
@@ -148,13 +151,24 @@ def train_flags(name: str, args, train_folder: str) -> list[str]:
                                 "--batch_size", str(args.batch_size), "--num_epochs", str(args.num_epochs),
                                 "--min_crop_area", "0.6", "--holdout_fraction", "0.05", "--no_progress"],
                                SETTINGS[name], ["--stem", args.stem], distortion_flags(args),
-                               shlex.split(args.trainer_flags))
+                               embedding_flags(name, args), shlex.split(args.trainer_flags))
 
 
 def distortion_flags(args) -> list[str]:
     """The trainer's random rotation and shear flags of a row; none when both are 0 (rows from before)."""
     return [flag for key in ("rotation_degrees", "shear_degrees") if getattr(args, key)
             for flag in (f"--{key}", f"{getattr(args, key):g}")]
+
+
+def embedding_flags(name: str, args) -> list[str]:
+    """The trainer's embedding flags of a classifier row; none without `embedding_layer` (the last pooled
+    features, as rows from before had) or for ArcFace, which embeds with its own head."""
+    from jaxembed import templates
+
+    layer = getattr(args, "embedding_layer", None)
+    if not layer or templates.get(name).head == "arcface":
+        return []
+    return ["--embedding_layer", layer, "--embedding_pooling", args.embedding_pooling]
 
 
 def trained_row(name: str, args, train_folder: str, test_images) -> dict:
@@ -164,6 +178,7 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     label = (f"{name}_{args.image_size}px{f'_{args.stem}' if other_stem else ''}_{args.num_epochs}ep_rot{args.rotations}"
              f"{'_mirror' if args.mirror else ''}"
              f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}"
+             f"{f'_{args.embedding_layer}_{args.embedding_pooling}' if embedding_flags(name, args) else ''}"
              f"{'_' + re.sub(r'[^A-Za-z0-9.]+', '_', args.trainer_flags).strip('_') if args.trainer_flags else ''}")
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
@@ -172,8 +187,10 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     stem = f", {args.stem} stem" if other_stem else ""
     affine = (f", random rotation +-{args.rotation_degrees:g} deg and shear +-{args.shear_degrees:g} deg"
               if distorted else "")
+    embedding = (f", {args.embedding_pooling} of {args.embedding_layer} as the embedding"
+                 if embedding_flags(name, args) else "")
     more = f", {args.trainer_flags}" if args.trainer_flags else ""
-    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}{affine}{more}"
+    method = f"{name} ({embedder.config.arch}), {args.image_size} px{stem}, {args.num_epochs} epochs{turns}{affine}{embedding}{more}"
     return {"method": method, "train_minutes": run.seconds / 60,
             "images_per_second": run.images_per_second(), "holdout": run.holdout(), "command": run.command,
             "script_args": {key: getattr(args, key) for key in SCRIPT_ARGS},
@@ -181,7 +198,8 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
             **runner.retrieval(outputs["embedding"], runner.concept_names(test_images, outputs["index"]), **RETRIEVAL)}
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """The script's arguments (its defaults are the default row's settings)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Defaults: the best row within the 30 minutes (inception_bn trains ~2.7x faster than resnext50 at 48 px).
     parser.add_argument("--templates", nargs="*", choices=list(SETTINGS), default=["inception_bn"])
@@ -198,12 +216,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="the trainer's random horizontal shear, up to this many degrees either way")
     parser.add_argument("--stem", default="imagenet", choices=STEMS,
                         help="the backbone stem (imagenet: 4x cheaper than small_s2, so 4x the epochs per minute)")
+    parser.add_argument("--embedding_layer", default=EMBEDDING["embedding_layer"],
+                        help="classifier rows: the block whose pooled output is the embedding ('': the last "
+                             "pooled features); chosen by experiments/omniglot_embeddings.py")
+    parser.add_argument("--embedding_pooling", default=EMBEDDING["embedding_pooling"], choices=POOLINGS)
     parser.add_argument("--trainer_flags", default="",
                         help="more `python -m jaxembed.train` flags for the rows, overriding the script's, in one "
                              "argument: --trainer_flags='--crop pad --crop_padding 6'")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"))
     parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "omniglot.json"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
 
     original_train_folder, test_images = splits(args.workdir)
     train_folder = with_glyph_copies(original_train_folder, args.rotations, args.mirror)

@@ -40,8 +40,7 @@ SETTINGS = {
 def row_flags(setting: str, num_epochs: int, train_folder: str, trainer_flags: str = "") -> list[str]:
     """omniglot.py's default command at the row's template and size, with GPU_FLAGS, then `trainer_flags`."""
     template, image_size = SETTINGS[setting]
-    script_args = argparse.Namespace(image_size=image_size, batch_size=64, num_epochs=num_epochs, stem="imagenet",
-                                     rotation_degrees=0.0, shear_degrees=0.0, trainer_flags="")
+    script_args = omniglot.parser().parse_args(["--image_size", str(image_size), "--num_epochs", str(num_epochs)])
     return runner.merged_flags(omniglot.train_flags(template, script_args, train_folder), GPU_FLAGS,
                                shlex.split(trainer_flags))
 

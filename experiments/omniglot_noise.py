@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.episode_seeds < 1 or args.episodes < 1:
         parser.error("--episode_seeds and --episodes must be >= 1")
-    for workdir in args.workdirs:
-        if not os.path.isfile(os.path.join(workdir, "summary.json")):
-            parser.error(f"{workdir}: no summary.json, not a finished run")
+    runner.refuse_unfinished(parser, args.workdirs)
 
     _, test_images = omniglot.splits(args.workdir)
     rows = {row["run"]: row for row in runner.previous_rows(args.out + ".json")}

@@ -89,6 +89,13 @@ class TrainedRun:
         return png
 
 
+def refuse_unfinished(parser, workdirs: Sequence[str]) -> None:
+    """`parser.error` naming the first of `workdirs` that holds no finished run (no summary.json)."""
+    for workdir in workdirs:
+        if not os.path.isfile(os.path.join(workdir, "summary.json")):
+            parser.error(f"{workdir}: no summary.json, not a finished run")
+
+
 def largest_loss_spike(records: Sequence[dict], warmup_epochs: float) -> float | None:
     """After the warmup, the largest ratio of a logging window's largest step loss to its mean (`loss_max /
     loss` of metrics.jsonl records): over 3 means a spike. None when no record has both after the warmup."""
@@ -173,13 +180,14 @@ def median_images_per_second(run_dir) -> float | None:
 # ----------------------------------------------------------------------------- scoring
 
 
-def embed(workdir: str, images) -> tuple[Any, dict[str, np.ndarray]]:
-    """`(embedder, outputs)`: the run's newest checkpoint (`jaxembed.load`) and its `embed_dataset`
-    outputs (`embedding`, `logits` for classifiers, `index`) for the `LabelledImages` `images`."""
+def embed(workdir: str, images, **embedding) -> tuple[Any, dict[str, np.ndarray]]:
+    """`(embedder, outputs)`: the run's newest checkpoint (`jaxembed.load`, given `embedding` settings)
+    and its `embed_dataset` outputs (`embedding`, `logits` for classifiers, `index`) for the
+    `LabelledImages` `images`."""
     import jaxembed
     from jaxembed import embed as embed_lib
 
-    embedder = jaxembed.load(workdir)
+    embedder = jaxembed.load(workdir, **embedding)
     outputs = embed_lib.embed_dataset(embedder.apply_fn, embedder.variables, images,
                                       image_size=embedder.image_size)
     return embedder, outputs

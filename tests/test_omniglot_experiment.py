@@ -69,7 +69,8 @@ def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script
     rows = json.loads(results.read_text())
     assert script.markdown(rows) == results.with_suffix(".md").read_text()
     defaults = dict(image_size=32, num_epochs=5, batch_size=32, stem=script.RECIPE_STEM, rotations=4,
-                    mirror=False, rotation_degrees=0.0, shear_degrees=0.0, trainer_flags="")
+                    mirror=False, rotation_degrees=0.0, shear_degrees=0.0, embedding_layer=None,
+                    embedding_pooling="avg", trainer_flags="")  # a row's script_args hold those it was run with
     for row in rows:
         if row["command"] != "-":
             name = row["method"].split(" ")[0]

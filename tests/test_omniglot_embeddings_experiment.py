@@ -1,0 +1,53 @@
+"""experiments/omniglot_embeddings.py: the validation alphabet is left out of training and is all that
+is scored; its table (no training here: the choice itself is measured by the script on real runs)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import _experiment_script as experiment_script
+
+
+@pytest.fixture(scope="module")
+def script():
+    return experiment_script.load("omniglot_embeddings")
+
+
+def _folder(root, alphabets=("Balinese", "Korean", "Latin"), characters=2, drawings=2):
+    for alphabet in alphabets:
+        for character in range(1, characters + 1):
+            folder = root / alphabet / f"character{character:02d}"
+            folder.mkdir(parents=True)
+            for drawing in range(drawings):
+                Image.fromarray(np.full((8, 8), 40 * character, np.uint8)).save(folder / f"{drawing}.png")
+    return str(root)
+
+
+def test_the_validation_alphabet_is_left_out_of_training_and_alone_scored(script, tmp_path):
+    folder = _folder(tmp_path / "small1")
+    training = script.without_alphabet(folder, "Korean")
+    assert sorted(os.listdir(training)) == ["Balinese", "Latin"]
+    assert script.without_alphabet(folder, "Korean") == training  # made once, then reused
+    validation = script.alphabet_images(folder, "Korean")
+    assert validation.concepts == ("Korean/character01", "Korean/character02") and len(validation) == 4
+    with pytest.raises(ValueError, match="--validation_alphabet Klingon: not an alphabet of .*Balinese, Korean, Latin"):
+        script.without_alphabet(folder, "Klingon")
+
+
+def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path), "--out", str(tmp_path / "out")])
+    assert f"{tmp_path}: no summary.json, not a finished run" in capsys.readouterr().err
+
+
+def test_the_committed_table_is_what_the_committed_json_gives(script):
+    results = experiment_script.EXPERIMENTS / "results" / "omniglot_embeddings"
+    result = json.loads(results.with_suffix(".json").read_text())
+    assert script.markdown(result) == results.with_suffix(".md").read_text()
+    candidates = result["validation"]["candidates"]
+    best = max(candidates, key=lambda row: row["map@r"])
+    assert result["validation"]["chosen"] == {"embedding_layer": best["embedding_layer"],
+                                              "embedding_pooling": best["embedding_pooling"]}
