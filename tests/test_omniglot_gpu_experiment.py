@@ -8,7 +8,7 @@ import pytest
 import _experiment_script as experiment_script
 
 DEFAULT_ROW = ("inception_bn (inception_bn), 80 px, imagenet stem, 5 epochs, 4 rotations as concepts, "
-               "mirrored copies as concepts")
+               "mirrored copies as concepts, gem of inception_4c as the embedding")
 
 
 @pytest.fixture(scope="module")
