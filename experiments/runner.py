@@ -107,15 +107,14 @@ def largest_loss_spike(records: Sequence[dict], warmup_epochs: float) -> float |
 def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> TrainedRun:
     """Runs `python -m jaxembed.train FLAGS --workdir WORKDIR` from scratch in a subprocess.
 
-    An existing `workdir` is removed first: a fresh run, never a resumed one, so the time is a whole
-    run's. The trainer's output goes to `workdir/train.log`.
+    Always a fresh run, never a resumed one, so the time is a whole run's: an unfinished `workdir` is
+    removed first, a finished one moved aside (`set_aside`). The trainer's output goes to `workdir/train.log`.
 
     Raises:
       RuntimeError: the command failed; the message holds it and the end of its log.
     """
     command = ["python", "-m", "jaxembed.train", *flags]
-    if os.path.isdir(workdir):
-        shutil.rmtree(workdir)
+    set_aside(workdir)
     os.makedirs(workdir)
     log_path = os.path.join(workdir, "train.log")
     print(f"{shlex.join(command)} (log: {log_path})", file=sys.stderr, flush=True)
@@ -130,6 +129,24 @@ def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> Tra
         raise RuntimeError(f"{shlex.join(command)} failed (exit status {result.returncode}); end of "
                            f"{log_path}:\n{tail}")
     return TrainedRun(command=shlex.join(command), workdir=workdir, seconds=seconds)
+
+
+def set_aside(workdir: str) -> str | None:
+    """Clears `workdir` for a fresh run: a finished run there (summary.json) is renamed to
+    `workdir.previous-N` (the first free N) and that path returned, for results may still point at it;
+    anything else there (a run that never finished) is removed. None when nothing was kept."""
+    if not os.path.isdir(workdir):
+        return None
+    if not os.path.isfile(os.path.join(workdir, "summary.json")):
+        shutil.rmtree(workdir)
+        return None
+    number = 1
+    while os.path.exists(f"{workdir}.previous-{number}"):
+        number += 1
+    kept = f"{workdir}.previous-{number}"
+    os.rename(workdir, kept)
+    print(f"{workdir} held a finished run: moved to {kept}", file=sys.stderr, flush=True)
+    return kept
 
 
 def merged_flags(*flag_lists: Sequence[str]) -> list[str]:
