@@ -43,8 +43,9 @@ def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, cap
     assert f"{tmp_path}: no summary.json, not a finished run" in capsys.readouterr().err
 
 
-def test_the_committed_table_is_what_the_committed_json_gives(script):
-    results = experiment_script.EXPERIMENTS / "results" / "omniglot_embeddings"
+@pytest.mark.parametrize("name", ["omniglot_embeddings", "omniglot_embeddings_balinese"])
+def test_the_committed_table_is_what_the_committed_json_gives(script, name):
+    results = experiment_script.EXPERIMENTS / "results" / name
     result = json.loads(results.with_suffix(".json").read_text())
     assert script.markdown(result) == results.with_suffix(".md").read_text()
     candidates = result["validation"]["candidates"]
