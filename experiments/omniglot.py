@@ -2,6 +2,7 @@
 
     python experiments/omniglot.py [--templates inception_bn ...] [--image_size 80] [--num_epochs 5]
                                    [--rotations 4] [--mirror | --no-mirror] [--stem imagenet]
+                                   [--embedding_layer inception_4c] [--embedding_pooling gem]
                                    [--trainer_flags='--crop pad --crop_padding 6']   # any trainer flags
 
 Both zips come from ../shared/datasets/omniglot (never copied into the repository). The two splits are
@@ -16,7 +17,9 @@ each as a concept of its own (`Korean/character01_r90`): four times the concepts
 work on Omniglot commonly does; a turned character is another shape, so it is a new concept, not an
 augmentation of the old one. `--mirror` adds each of those mirrored left-right as a concept too
 (`character01_m`, `character01_m_r90`, ...: 1,088 concepts with 4 rotations), for the same reason: the
-mirror image of a glyph is another glyph.
+mirror image of a glyph is another glyph. Classifier rows embed with a block chosen on an alphabet left
+out of training (`EMBEDDING`, experiments/omniglot_embeddings.py); `--embedding_layer ''` embeds with the
+last block's average, as rows from before did.
 Writes experiments/results/omniglot.json and .md. Rows of templates not run now are kept from the
 previous results, so `--templates resnext` adds or refreshes one row. Each row also holds the trainer's
 held-out metrics (a 5% split of the training folder: images for the classifiers, concepts for ArcFace),
