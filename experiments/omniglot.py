@@ -133,6 +133,15 @@ def unseen_concepts(test_images, train_images):
     return test_images.subset(keep).with_own_concepts()
 
 
+def one_shot(embeddings, names, *, episodes: int, seed: int) -> float:
+    """The table's one-shot accuracy (RETRIEVAL's n_way, within an alphabet) over another draw of
+    `episodes` episodes: for measuring the evaluation's noise, or with it nearly gone."""
+    from jaxembed import metrics
+
+    return metrics.n_way_one_shot_accuracy(embeddings, names, metrics.concept_groups(names),
+                                           n_way=RETRIEVAL["n_way"], episodes=episodes, seed=seed)
+
+
 def baseline_row(images, image_size: int) -> dict:
     """Nearest neighbours on centred, L2-normalised grey pixels after the same eval preprocessing."""
     return {"method": f"raw pixels, {image_size} px", "command": "-", "train_minutes": 0.0,

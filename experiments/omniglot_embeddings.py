@@ -98,13 +98,9 @@ def candidate_embeddings(workdir: str, images) -> tuple[dict[str, np.ndarray], n
 
 def scored(embeddings: np.ndarray, names: np.ndarray, *, more_episodes: int | None = None) -> dict:
     """omniglot.md's metrics (its episodes), and the one-shot accuracy over `more_episodes` too."""
-    from jaxembed import metrics
-
     row = runner.retrieval(runner.unit_rows(embeddings), names, **omniglot.RETRIEVAL)
     if more_episodes:
-        row["one_shot_20way_more_episodes"] = metrics.n_way_one_shot_accuracy(
-            embeddings, names, metrics.concept_groups(names), n_way=omniglot.RETRIEVAL["n_way"],
-            episodes=more_episodes, seed=1)
+        row["one_shot_20way_more_episodes"] = omniglot.one_shot(embeddings, names, episodes=more_episodes, seed=1)
     return row
 
 

@@ -27,15 +27,11 @@ TABLE_EPISODES = omniglot.RETRIEVAL["episodes"]
 
 def scored_run(workdir: str, test_images, *, episode_seeds: int, episodes: int) -> dict:
     """One run's one-shot accuracy over `episode_seeds` draws of the table's episodes, and over `episodes`."""
-    from jaxembed import metrics
-
     _, outputs = runner.embed(workdir, test_images)
     names = runner.concept_names(test_images, outputs["index"])
-    groups = metrics.concept_groups(names)
 
     def one_shot(count: int, seed: int) -> float:
-        return metrics.n_way_one_shot_accuracy(outputs["embedding"], names, groups,
-                                               n_way=omniglot.RETRIEVAL["n_way"], episodes=count, seed=seed)
+        return omniglot.one_shot(outputs["embedding"], names, episodes=count, seed=seed)
 
     draws = [one_shot(TABLE_EPISODES, seed) for seed in range(episode_seeds)]  # seed 0: the table's draw
     return {"run": os.path.basename(os.path.normpath(workdir)), "config": run_config(workdir),
