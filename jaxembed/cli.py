@@ -7,6 +7,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -39,3 +40,18 @@ def run_tool(prog: str, work: Callable[[], None]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return BAD_INPUT
     return 0
+
+
+def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--embedding_layer` and `--embedding_pooling`: a classifier run's embedding read from another block or
+    pooling than it was trained with (`jaxembed.load`'s keywords of the same names; they change no parameter)."""
+    group = parser.add_argument_group("embedding (classifier runs; unset: the run's own)")
+    group.add_argument("--embedding_layer", help="the backbone block whose output map, pooled, is the embedding, "
+                                                 "e.g. inception_4c or stage3_block5 (the last block by its name)")
+    group.add_argument("--embedding_pooling", help="how that map is pooled: avg, max or gem (generalised mean, p=3)")
+
+
+def embedding_arguments(args: argparse.Namespace) -> dict[str, str]:
+    """The options of `add_embedding_arguments` that were given, as `jaxembed.load` keywords."""
+    return {name: getattr(args, name) for name in ("embedding_layer", "embedding_pooling")
+            if getattr(args, name) is not None}

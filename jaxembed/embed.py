@@ -5,6 +5,7 @@
     jax.jit(embedder.embed_fn)(embedder.variables, x) # the pure function, inside your own jit
 
     python -m jaxembed.embed --workdir DIR --images FOLDER --out FILE.npz
+        [--embedding_layer inception_4c --embedding_pooling gem]   # a classifier run read from another block
 """
 
 from __future__ import annotations
@@ -89,11 +90,17 @@ class Embedder:
 EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling")
 
 
+def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `embedding` that differ from the run's own (`config`): those that change its embedding."""
+    return {name: value for name, value in embedding.items() if getattr(config, name) != value}
+
+
 def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder:
     """The embedder of the run in `workdir`, from its newest checkpoint (or `step`).
 
     `embedding`: `embedding_layer=` and/or `embedding_pooling=` to embed from another block than the
-    run was trained with (they change no parameter, so any finished classifier run can be read so).
+    run was trained with (they change no parameter, so any finished classifier run can be read so); a
+    setting equal to the run's own changes nothing.
     Reads the run through `jaxembed.rundir.RunDir` without locking it: safe while the run trains.
     """
     unknown = sorted(set(embedding) - set(EMBEDDING_SETTINGS))
@@ -101,6 +108,7 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
         raise TypeError(f"load() got {', '.join(unknown)}; it takes {', '.join(EMBEDDING_SETTINGS)}")
     run = rundir.RunDir(workdir)
     config, concepts = run.config(), run.concepts()
+    embedding = embedding_changes(config, embedding)
     if embedding and config.embedding_neck != "none":
         raise ValueError(f"{workdir}: embedding_neck={config.embedding_neck!r} keeps a running mean of the run's "
                          f"own embedding, so another embedding_layer or embedding_pooling cannot be read from it")
@@ -169,16 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", required=True, help="a folder of images (concept sub-folders give labels)")
     parser.add_argument("--out", required=True, help="the .npz file to write")
     parser.add_argument("--batch_size", type=int, default=64)
+    cli.add_embedding_arguments(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
     try:
-        embedder = load(args.workdir)
+        embedder = load(args.workdir, **cli.embedding_arguments(args))
         images = data_lib.load_source(args.images)
+        outputs = embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
+                                batch_size=args.batch_size, progress=True)
     except (FileNotFoundError, ValueError) as error:
         print(f"jaxembed.embed: error: {error}", file=sys.stderr)
         return 1
-    outputs = embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
-                            batch_size=args.batch_size, progress=True)
     for bad in images.bad_files:
         log.warning("skipped %s: %s", bad.path, bad.reason)
     paths = np.asarray(images.item_names)[outputs["index"]]

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from jaxembed import data as data_lib
-from jaxembed import embed, fileio
+from jaxembed import cli, embed, fileio
 # The metrics, also reachable here (`evaluate.recall_at_k`, ...) where they were first published.
 from jaxembed.metrics import (concept_groups, map_at_r, max_n_way, mean_average_precision, n_way_one_shot_accuracy,
                               recall_at_k, retrieval_metrics, top1_accuracy)
@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=64)
+    cli.add_embedding_arguments(parser)
     args = parser.parse_args(argv)
+    embedding = cli.embedding_arguments(args)
+    if embedding and not args.workdir:
+        parser.error(f"--{next(iter(embedding))} needs --workdir (an .npz holds embeddings already made)")
     if args.workdir and not args.images:
         parser.error("--workdir needs --images")
     if args.images and not args.workdir:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 embeddings, labels = saved["embeddings"], saved["labels"].astype(str)
             metrics = retrieval_metrics(embeddings, labels, n_way=args.n_way, episodes=args.episodes, seed=args.seed)
         else:
-            embedder = embed.load(args.workdir)
+            embedder = embed.load(args.workdir, **embedding)
             images = data_lib.load_source(args.images)
             outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
                                     batch_size=args.batch_size)

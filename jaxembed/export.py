@@ -160,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is exported)")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--batch_size", type=int, default=None, help="fix the batch size (default: any)")
+    from jaxembed import cli  # the model code is needed to export, never to load
+    from jaxembed.embed import load
+
+    cli.add_embedding_arguments(parser)
     args = parser.parse_args(argv)
-    from jaxembed.embed import load  # the model code is needed to export, never to load
 
     try:
-        embedder = load(args.workdir)
+        embedder = load(args.workdir, **cli.embedding_arguments(args))
         export_embedder(embedder, args.out, batch_size=args.batch_size)
     except (FileNotFoundError, ValueError) as error:
         print(f"jaxembed.export: error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Embed a collection of images into a search index directory.
 
     python -m jaxembed.index --workdir runs/inception_bn --images FOLDER|MANIFEST --out INDEX
+        [--embedding_layer inception_4c --embedding_pooling gem]   # a classifier run read from another block
 
     summary = build_index("runs/inception_bn", "photos/", "photos.index")   # the same, from Python
     stored = read_index("photos.index")                                       # vectors, paths, labels, meta
@@ -8,7 +9,7 @@
 An index directory holds:
 
 - `meta.json`: the format, the run that made the vectors (absolute workdir, checkpoint step, embedding
-  dimension), the chunks in order, and every file that could not be read, with the reason;
+  dimension, and `--embedding_layer`/`--embedding_pooling` where given), the chunks in order, and every file that could not be read, with the reason;
 - `chunk-NNNNN.npy`: float32 `(n, D)` unit vectors, and `chunk-NNNNN.json`: their `paths` and `labels`
   (the primary concept: the concept folder or the manifest's first concept; null for images directly in
   the folder given).
@@ -45,14 +46,18 @@ DEFAULT_CHUNK_SIZE = 4096  # vectors per chunk file: the most a crash can cost t
 
 @dataclasses.dataclass(frozen=True)
 class RunId:
-    """Which model made an index's vectors: a run's absolute workdir, its checkpoint step, the dimension."""
+    """Which model made an index's vectors: a run's absolute workdir, its checkpoint step, the dimension, and
+    the embedding settings it was read with where they differ from the run's own (`jaxembed.load`'s
+    `embedding_layer=`, `embedding_pooling=`; empty in an index written before they existed)."""
 
     workdir: str
     step: int
     dim: int
+    embedding: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
-        return f"run {self.workdir} at checkpoint step {self.step} (dimension {self.dim})"
+        settings = "".join(f", {name}={value}" for name, value in sorted(self.embedding.items()))
+        return f"run {self.workdir} at checkpoint step {self.step} (dimension {self.dim}{settings})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,8 @@ def load_collection(spec: str):
 
 
 def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True) -> dict:
+                chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True,
+                embedding: dict[str, str] | None = None) -> dict:
     """Embeds the images of `images` not yet in the index `out` with the newest checkpoint of `workdir`.
 
     Args:
@@ -146,6 +152,8 @@ def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
       batch_size: images per model call.
       chunk_size: images per chunk file; a multiple of batch_size.
       progress: show a progress bar.
+      embedding: `jaxembed.load`'s `embedding_layer`/`embedding_pooling` to embed a classifier run from
+        another block; recorded in meta.json, so `jaxembed.search` embeds its queries the same way.
 
     Returns:
       `{"index", "added", "already_stored", "skipped", "count"}` (skipped: unreadable files named in meta).
@@ -160,7 +168,7 @@ def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
     out = os.path.abspath(out)
     with fileio.exclusive_lock(out):
         meta = read_meta(out)
-        embedder, run = load_run(workdir)
+        embedder, run = load_run(workdir, **(embedding or {}))
         if meta is None:
             meta = {"format": FORMAT, "run": dataclasses.asdict(run), "chunks": [], "count": 0, "bad_files": {}}
         check_run(meta, run, out)
@@ -179,17 +187,19 @@ def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
                 "skipped": len(meta["bad_files"]), "count": meta["count"]}
 
 
-def load_run(workdir: str):
-    """`(Embedder, RunId)` of the newest checkpoint of `workdir`."""
+def load_run(workdir: str, **embedding: str):
+    """`(Embedder, RunId)` of the newest checkpoint of `workdir`, read with the `embedding` settings."""
     import jax
 
     import jaxembed
+    from jaxembed import embed, rundir
 
     step = latest_step(workdir)
-    embedder = jaxembed.load(workdir, step=step)
+    embedding = embed.embedding_changes(rundir.RunDir(workdir).config(), embedding)
+    embedder = jaxembed.load(workdir, step=step, **embedding)
     size = embedder.image_size
     shape = jax.eval_shape(embedder.embed_fn, embedder.variables, jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
-    return embedder, RunId(os.path.abspath(workdir), step, int(shape.shape[-1]))
+    return embedder, RunId(os.path.abspath(workdir), step, int(shape.shape[-1]), embedding)
 
 
 def latest_step(workdir: str) -> int:
@@ -273,11 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per chunk file (a multiple of batch_size)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    cli.add_embedding_arguments(parser)
     args = parser.parse_args(argv)
 
     def work() -> None:
         summary = build_index(args.workdir, args.images, args.out, batch_size=args.batch_size,
-                              chunk_size=args.chunk_size, progress=not args.no_progress)
+                              chunk_size=args.chunk_size, progress=not args.no_progress,
+                              embedding=cli.embedding_arguments(args))
         print(json.dumps(summary))
 
     return cli.run_tool(parser.prog, work)

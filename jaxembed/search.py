@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxembed import ann, cli, fileio, gallery, topk
-from jaxembed.index import collection_labels, read_index
+from jaxembed.index import RunId, collection_labels, read_index
 
 QUERY_BATCH = 1024  # queries per compiled search call (fewer are padded to a power of two)
 
@@ -159,7 +159,8 @@ def search_images(index: Index, query: str, k: int, *, embedder=None, exclude_se
     """Searches `index` for the images of `query` (a file, folder or manifest).
 
     Args:
-      embedder: the `Embedder` to embed the queries; default the run and checkpoint that built the index.
+      embedder: the `Embedder` to embed the queries; default the run, checkpoint and embedding settings that
+        built the index.
       exclude_self: leave out results with the query's own path (queries taken from the index).
 
     Returns:
@@ -173,7 +174,8 @@ def search_images(index: Index, query: str, k: int, *, embedder=None, exclude_se
 
         if not index.meta:
             raise ValueError("this index was made in memory: pass the embedder that made its vectors")
-        embedder = jaxembed.load(index.meta["run"]["workdir"], step=index.meta["run"]["step"])
+        run = RunId(**index.meta["run"])
+        embedder = jaxembed.load(run.workdir, step=run.step, **run.embedding)  # as the index's vectors were made
     vectors = embed_queries(embedder, paths)
     if vectors.shape[1] != index.dim:
         raise ValueError(f"the run embeds in dimension {vectors.shape[1]}, the index holds dimension {index.dim}")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import flax.linen as flax_nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import tiny
 import jaxembed
@@ -71,9 +75,11 @@ def test_resnet_tap_returns_the_blocks_map():
 
 def test_bad_embedding_settings_are_named():
     images = np.zeros((1, 32, 32, 3), np.uint8)
-    model = tasks.build_model(tiny.config(arch="inception_bn", embedding_layer="inception_9z"), 3)
-    with pytest.raises(ValueError, match="'inception_9z' is not a block of inception_bn; its blocks: inception_3a"):
-        jax.eval_shape(model.init, jax.random.key(0), images)
+    with pytest.raises(ValueError, match="embedding_layer='inception_9z' is not a block of inception_bn; its blocks: "
+                                         "inception_3a"):
+        tasks.build_model(tiny.config(arch="inception_bn", embedding_layer="inception_9z"), 3)
+    with pytest.raises(ValueError, match="embedding_layer='inception_9z' is not a block of inception_bn"):
+        jax.eval_shape(models.create("inception_bn", tap="inception_9z").init, jax.random.key(0), images)
     model = tasks.build_model(tiny.config(embedding_pooling="gem"), 3)
     with pytest.raises(ValueError, match="embedding_pooling='gem' pools a block's map"):
         model.init(jax.random.key(0), images)
@@ -95,3 +101,39 @@ def test_a_run_trains_with_a_tapped_embedding_and_load_reads_it_from_another_blo
     np.testing.assert_allclose(tapped_outputs["logits"], last_outputs["logits"], rtol=1e-6)
     with pytest.raises(TypeError, match="load\\(\\) got embedding_size; it takes embedding_layer, embedding_pooling"):
         jaxembed.load(run.workdir, embedding_size=3)
+
+
+def test_the_tools_read_a_run_from_another_block_and_name_a_bad_one(tiny_run, tmp_path, capsys):
+    from jaxembed import embed, evaluate, export
+
+    out, tapped_flags = str(tmp_path / "digits.npz"), ["--embedding_layer", "conv", "--embedding_pooling", "gem"]
+    assert embed.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out, *tapped_flags]) == 0
+    with np.load(out) as saved:
+        written, paths = saved["embeddings"], saved["paths"]
+    tapped = jaxembed.load(tiny_run.workdir, embedding_layer="conv", embedding_pooling="gem")
+    expected = tapped([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+    assert written.shape == (len(paths), tiny.CHANNELS)  # the run's own embedding has tiny.FEATURES
+    np.testing.assert_array_equal(written, expected)  # the same compiled batch shape (64): the same bits
+
+    # evaluate embeds with the same settings: its metrics equal those of the .npz embed wrote.
+    from_npz, from_run = str(tmp_path / "from_npz.json"), str(tmp_path / "from_run.json")
+    assert evaluate.main(["--embeddings", out, "--out", from_npz]) == 0
+    assert evaluate.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", from_run,
+                          *tapped_flags]) == 0
+    with open(from_npz) as a, open(from_run) as b:
+        npz_metrics, run_metrics = json.load(a), json.load(b)
+    for name in ("recall@1", "recall@5", "map@r"):
+        assert npz_metrics[name] == run_metrics[name], name
+    with pytest.raises(SystemExit):
+        evaluate.main(["--embeddings", out, "--embedding_layer", "conv"])
+    assert "--embedding_layer needs --workdir" in capsys.readouterr().err
+
+    assert export.main(["--workdir", tiny_run.workdir, "--out", str(tmp_path / "exported"), *tapped_flags]) == 0
+    assert export.load_exported(str(tmp_path / "exported")).meta["embedding_size"] == tiny.CHANNELS
+
+    capsys.readouterr()
+    assert embed.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out,
+                       "--embedding_layer", "conv9"]) == 1
+    assert "jaxembed.embed: error: embedding_layer='conv9' is not a block of tiny; its blocks: conv" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="embedding_pooling.*median"):
+        jaxembed.load(tiny_run.workdir, embedding_pooling="median")

@@ -199,7 +199,7 @@ def test_index_records_the_run_the_vectors_and_the_unreadable_file(indexed):
                                   "count": 120}
     stored = index.read_index(indexed["index"])
     assert stored.meta["run"] == {"workdir": os.path.abspath(indexed["workdir"]), "step": tiny.NUM_STEPS,
-                                  "dim": tiny.FEATURES}  # the run's last checkpoint; the backbone's width
+                                  "dim": tiny.FEATURES, "embedding": {}}  # the run's last checkpoint; the backbone's width
     assert stored.vectors.shape == (120, tiny.FEATURES) and stored.vectors.dtype == np.float32
     assert len(stored.meta["chunks"]) == 15 and stored.meta["count"] == 120
     assert [os.path.basename(os.path.dirname(p)) for p in stored.paths] == list(stored.labels)
@@ -290,6 +290,38 @@ def test_adding_skips_stored_files_and_refuses_another_run(indexed):
     with pytest.raises(ValueError, match=re.escape(both)):
         index.build_index(indexed["workdir"], plain, out, batch_size=8, chunk_size=8, progress=False)
     assert index.read_meta(out)["count"] == 16
+
+
+TAPPED = {"embedding_layer": "conv", "embedding_pooling": "gem"}  # the tiny backbone's block, 8 channels
+
+
+def test_an_index_read_from_another_block_records_it_and_search_embeds_queries_the_same_way(indexed, capsys):
+    out, sevens = str(indexed["base"] / "tapped"), os.path.join(indexed["images"], "7")
+    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+                       "--embedding_layer", "conv", "--embedding_pooling", "gem"]) == 0
+    capsys.readouterr()
+    stored = index.read_index(out)
+    assert stored.meta["run"]["embedding"] == TAPPED
+    assert stored.vectors.shape == (12, tiny.CHANNELS)  # the run's own embedding has tiny.FEATURES
+    # Queries from the index: the search must embed them as the index was (the run's own embedding would
+    # not even match the dimension), so each finds a vector equal to its own, up to float32 rounding of two
+    # compiled batch shapes.
+    results = search.search_images(search.Index.load(out), sevens, 1)
+    assert [r["query"] for r in results] == list(stored.paths)
+    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-5
+
+    workdir = os.path.abspath(indexed["workdir"])
+    both = (f"{out} holds vectors of run {workdir} at checkpoint step {tiny.NUM_STEPS} (dimension {tiny.CHANNELS}, "
+            f"embedding_layer=conv, embedding_pooling=gem); refusing to add vectors of run {workdir} at checkpoint "
+            f"step {tiny.NUM_STEPS} (dimension {tiny.FEATURES})")
+    with pytest.raises(ValueError, match=re.escape(both)):
+        index.build_index(indexed["workdir"], sevens, out, batch_size=8, chunk_size=8, progress=False)
+    # A setting equal to the run's own (its pooling) is no other embedding: an index of the run's own takes it.
+    plain = str(indexed["base"] / "plain_sevens")
+    index.build_index(indexed["workdir"], sevens, plain, batch_size=8, chunk_size=8, progress=False)
+    same = index.build_index(indexed["workdir"], sevens, plain, batch_size=8, chunk_size=8, progress=False,
+                             embedding={"embedding_pooling": "avg"})
+    assert same == {**same, "added": 0, "already_stored": 12}
 
 
 def test_search_command_prints_json_and_writes_the_page(indexed, capsys):

@@ -12,9 +12,10 @@ from typing import Sequence
 
 
 def check_tap(tap: str | None, block_names: Sequence[str], backbone: str) -> None:
-    """ValueError naming the blocks when `tap` is not one of `block_names` (None: no tap, fine)."""
+    """ValueError naming the blocks when `tap` is not one of `block_names` (None: no tap, fine). The message
+    says `embedding_layer`, the setting a tap comes from."""
     if tap is not None and tap not in block_names:
-        raise ValueError(f"tap {tap!r} is not a block of {backbone}; its blocks: {', '.join(block_names)}")
+        raise ValueError(f"embedding_layer={tap!r} is not a block of {backbone}; its blocks: {', '.join(block_names)}")
 
 
 def with_tapped(output, tapped_map, tap: str | None):
