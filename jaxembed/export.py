@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is exported)")
     parser.add_argument("--out", required=True, help="the directory to write")
     parser.add_argument("--batch_size", type=int, default=None, help="fix the batch size (default: any)")
-    from jaxembed import cli  # the model code is needed to export, never to load
-    from jaxembed.embed import load
+    from jaxembed import cli  # imported here, as fileio above: load_exported runs without jaxembed
+    from jaxembed.embed import load  # the model code is needed to export, never to load
 
     cli.add_embedding_arguments(parser)
     args = parser.parse_args(argv)

@@ -9,7 +9,8 @@
 An index directory holds:
 
 - `meta.json`: the format, the run that made the vectors (absolute workdir, checkpoint step, embedding
-  dimension, and `--embedding_layer`/`--embedding_pooling` where given), the chunks in order, and every file that could not be read, with the reason;
+  dimension, and `--embedding_layer`/`--embedding_pooling` where given), the chunks in order, and every
+  file that could not be read, with the reason;
 - `chunk-NNNNN.npy`: float32 `(n, D)` unit vectors, and `chunk-NNNNN.json`: their `paths` and `labels`
   (the primary concept: the concept folder or the manifest's first concept; null for images directly in
   the folder given).
