@@ -42,6 +42,10 @@ def run_tool(prog: str, work: Callable[[], None]) -> int:
     return 0
 
 
+# `jaxembed.load`'s keywords (and the tools' flags) that read a classifier run's embedding from another block.
+EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling")
+
+
 def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
     """`--embedding_layer` and `--embedding_pooling`: a classifier run's embedding read from another block or
     pooling than it was trained with (`jaxembed.load`'s keywords of the same names; they change no parameter)."""
@@ -53,5 +57,4 @@ def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
 
 def embedding_arguments(args: argparse.Namespace) -> dict[str, str]:
     """The options of `add_embedding_arguments` that were given, as `jaxembed.load` keywords."""
-    return {name: getattr(args, name) for name in ("embedding_layer", "embedding_pooling")
-            if getattr(args, name) is not None}
+    return {name: getattr(args, name) for name in EMBEDDING_SETTINGS if getattr(args, name) is not None}

@@ -86,8 +86,9 @@ class Embedder:
         return self.task.predict(self._outputs(images))
 
 
-# The settings that choose a classifier's embedding without changing its parameters (`models.taps`).
-EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling")
+# The settings that choose a classifier's embedding without changing its parameters (`models.taps`);
+# spelled in `cli`, which the command-line tools import without the model code.
+EMBEDDING_SETTINGS = cli.EMBEDDING_SETTINGS
 
 
 def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> dict[str, Any]:
