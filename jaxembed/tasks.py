@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 
 from jaxembed import losses, metrics, models, parallel, schedules, templates
 from jaxembed.models import heads
-from jaxembed.models.taps import check_tap
 
 # `loss(outputs, params, batch, step=None) -> scalar`: outputs of the model, its params, the batch
 # (`label` int32 `(B,)`, `labels` float32 multi-hot `(B, C)`) and the optimiser step it trains (None:
@@ -202,8 +201,6 @@ def build_model(config: templates.Config, num_classes: int) -> nn.Module:
     under its task's head, taking raw uint8 NHWC images. ArcFace centres are padded to a multiple of `config.model_parallelism`."""
     dtype = DTYPES[config.dtype]
     task = for_config(config)
-    if config.embedding_layer is not None:  # named now, not when the model first runs
-        check_tap(config.embedding_layer, models.block_names(config.arch), config.arch)
     backbone = models.create(config.arch, dtype=dtype, remat=config.remat, stem=config.stem,
                              tap=config.embedding_layer)
     return task.build_model(backbone, task.num_outputs(num_classes, config.model_parallelism), dtype=dtype)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import flax.linen as flax_nn
 import jax
@@ -15,7 +14,7 @@ from PIL import Image
 import tiny
 import jaxembed
 from jaxembed import models, tasks
-from jaxembed.models import heads
+from jaxembed.models import heads, inception_bn
 
 
 def test_pooling_against_hand_values():
@@ -78,8 +77,9 @@ def test_bad_embedding_settings_are_named():
     with pytest.raises(ValueError, match="embedding_layer='inception_9z' is not a block of inception_bn; its blocks: "
                                          "inception_3a"):
         tasks.build_model(tiny.config(arch="inception_bn", embedding_layer="inception_9z"), 3)
+    module = inception_bn.InceptionBN(tap="inception_9z")  # built directly: the module checks when it runs
     with pytest.raises(ValueError, match="embedding_layer='inception_9z' is not a block of inception_bn"):
-        jax.eval_shape(models.create("inception_bn", tap="inception_9z").init, jax.random.key(0), images)
+        jax.eval_shape(module.init, jax.random.key(0), images)
     model = tasks.build_model(tiny.config(embedding_pooling="gem"), 3)
     with pytest.raises(ValueError, match="embedding_pooling='gem' pools a block's map"):
         model.init(jax.random.key(0), images)

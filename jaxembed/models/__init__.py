@@ -20,6 +20,7 @@ from jaxembed.models import inception_bn, resnet
 from jaxembed.models.heads import POOLINGS, ArcFaceModel, ClassifierModel, l2_normalize, normalize_images
 from jaxembed.models.pretrained import load_pretrained, merge_backbone
 from jaxembed.models.stems import STEMS
+from jaxembed.models.taps import check_tap
 
 # arch name -> (constructor accepting num_classes/dtype/remat, pooled feature width)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], int]] = {
@@ -79,6 +80,7 @@ def create(
       `stem=` only when it is not "imagenet".
     tap: a block's name (`block_names(arch)`): the module then returns `(features or logits, that block's
       (B, h, w, C) output map)` (`jaxembed.models.taps`); a registered backbone gets `tap=` only when set.
+      An unknown name is refused here, naming the blocks, not when the module first runs.
     """
     if stem not in STEMS:
         raise ValueError(f"stem={stem!r} is invalid: expected one of {', '.join(STEMS)}")
@@ -86,12 +88,18 @@ def create(
     extra = {} if stem == "imagenet" else {"stem": stem}
     if tap is not None:
         extra["tap"] = tap
-    return constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl, **extra)
+    module = constructor(num_classes=num_classes, dtype=dtype, remat=remat, conv_impl=conv_impl, **extra)
+    if tap is not None:
+        check_tap(tap, _block_names(module, arch), arch)
+    return module
 
 
 def block_names(arch: str) -> tuple[str, ...]:
     """The blocks of `arch` whose output map `create(arch, tap=...)` can return, input side first."""
-    module = create(arch)
+    return _block_names(create(arch), arch)
+
+
+def _block_names(module: nn.Module, arch: str) -> tuple[str, ...]:
     if not hasattr(module, "block_names"):
         raise ValueError(f"arch {arch!r} does not name its blocks (no block_names method), so it has no tap")
     return module.block_names()
