@@ -183,6 +183,11 @@ def embedding_flags(name: str, args) -> list[str]:
     return ["--embedding_layer", layer, "--embedding_pooling", args.embedding_pooling]
 
 
+def flags_label(trainer_flags: str) -> str:
+    """A workdir suffix naming extra trainer flags: "--seed 1" -> "_seed_1"; "" for none."""
+    return "_" + re.sub(r"[^A-Za-z0-9.]+", "_", trainer_flags).strip("_") if trainer_flags else ""
+
+
 def trained_row(name: str, args, train_folder: str, test_images) -> dict:
     """Trains a template from scratch and scores its embeddings of the unseen concepts."""
     other_stem = args.stem != RECIPE_STEM
@@ -191,7 +196,7 @@ def trained_row(name: str, args, train_folder: str, test_images) -> dict:
              f"{'_mirror' if args.mirror else ''}"
              f"{f'_affine{args.rotation_degrees:g}-{args.shear_degrees:g}' if distorted else ''}"
              f"{f'_{args.embedding_layer}_{args.embedding_pooling}' if embedding_flags(name, args) else ''}"
-             f"{'_' + re.sub(r'[^A-Za-z0-9.]+', '_', args.trainer_flags).strip('_') if args.trainer_flags else ''}")
+             f"{flags_label(args.trainer_flags)}")
     run = runner.train(train_flags(name, args, train_folder), os.path.join(args.workdir, f"run_{label}"))
     embedder, outputs = runner.embed(run.workdir, test_images)
     turns = f", {args.rotations} rotations as concepts" if args.rotations > 1 else ""

@@ -12,6 +12,12 @@ scored, beside the last block's average (the embedding omniglot.md scored), on o
 for each finished omniglot.py run named (RUN_DIR, e.g.
 /tmp/jaxembed-omniglot/run_inception_bn_80px_5ep_rot4_mirror): no training, and the test set is read
 only once the choice is made. A finished validation run is reused.
+
+    python experiments/omniglot_embeddings.py --trainer_flags='--per_item_lrate 0.0004'
+
+validates a training setting the same way: the default command with those flags, trained without the
+validation alphabet, every candidate scored on it (results beside the default's, suffixed with the flags).
+A setting earns a 30-minute test run (omniglot.py --trainer_flags=...) only by beating the default here.
 """
 
 from __future__ import annotations
@@ -44,14 +50,17 @@ def without_alphabet(folder: str, alphabet: str) -> str:
 
 
 def validation_run(args) -> runner.TrainedRun:
-    """omniglot.py's default command, before its embedding choice, trained without the validation
-    alphabet (now, unless a finished run of it is there: then its `seconds` are 0)."""
-    defaults = omniglot.parser().parse_args(["--embedding_layer", ""])  # the candidates are read below
+    """omniglot.py's default command, before its embedding choice, with `args.trainer_flags` (a training
+    setting to validate), trained without the validation alphabet (now, unless a finished run of it is
+    there: then its `seconds` are 0)."""
+    # The candidates are read below, so the run has no embedding choice.
+    defaults = omniglot.parser().parse_args(["--embedding_layer", "", "--trainer_flags", args.trainer_flags])
     train_folder = omniglot.extract("images_background_small1", args.workdir)
     folder = omniglot.with_glyph_copies(without_alphabet(train_folder, args.validation_alphabet),
                                         defaults.rotations, defaults.mirror)
     flags = omniglot.train_flags("inception_bn", defaults, folder)
-    workdir = os.path.join(args.workdir, f"run_validation_without_{args.validation_alphabet}")
+    workdir = os.path.join(args.workdir, f"run_validation_without_{args.validation_alphabet}"
+                                         f"{omniglot.flags_label(args.trainer_flags)}")
     if os.path.isfile(os.path.join(workdir, "summary.json")):
         print(f"{workdir}: finished, reused", file=sys.stderr, flush=True)
         return runner.TrainedRun(command=shlex.join(["python", "-m", "jaxembed.train", *flags]), workdir=workdir,
@@ -176,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("test_runs", nargs="*", help="finished omniglot.py runs to score with the chosen embedding")
     parser.add_argument("--validation_alphabet", default="Korean",
                         help="the background_small1 alphabet left out of training and chosen on (Korean: 40 characters)")
+    parser.add_argument("--trainer_flags", default="",
+                        help="a training setting to validate: more `python -m jaxembed.train` flags for the "
+                             "validation run, in one argument (--trainer_flags='--per_item_lrate 0.0004')")
     parser.add_argument("--episodes", type=int, default=20_000, help="one-shot episodes of the low-noise test column")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"),
                         help="where omniglot.py extracted the zips")
-    parser.add_argument("--out", default=os.path.join(runner.RESULTS, "omniglot_embeddings"))
+    parser.add_argument("--out", help="results path without extension (default: experiments/results/"
+                                      "omniglot_embeddings, suffixed with the trainer flags' label)")
     args = parser.parse_args(argv)
+    args.out = args.out or os.path.join(runner.RESULTS, "omniglot_embeddings" + omniglot.flags_label(args.trainer_flags))
     runner.refuse_unfinished(parser, args.test_runs)
 
     result = {"validation": validation(args), "episodes": args.episodes}

@@ -52,3 +52,18 @@ def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     best = max(candidates, key=lambda row: row["map@r"])
     assert result["validation"]["chosen"] == {"embedding_layer": best["embedding_layer"],
                                               "embedding_pooling": best["embedding_pooling"]}
+
+
+@pytest.mark.parametrize("trainer_flags", ["", "--per_item_lrate 0.0004"])
+def test_a_training_setting_is_validated_by_the_default_command_with_its_flags(script, tmp_path, trainer_flags):
+    _folder(tmp_path / "images_background_small1")
+    workdir = tmp_path / ("run_validation_without_Korean" + ("_per_item_lrate_0.0004" if trainer_flags else ""))
+    workdir.mkdir()
+    (workdir / "summary.json").write_text("{}")  # a finished run: reused, so nothing trains here
+    args = script.argparse.Namespace(workdir=str(tmp_path), validation_alphabet="Korean", trainer_flags=trainer_flags)
+    run = script.validation_run(args)
+    assert run.workdir == str(workdir) and run.seconds == 0.0
+    committed = json.loads((experiment_script.EXPERIMENTS / "results" / "omniglot_embeddings.json").read_text())
+    default = committed["validation"]["command"].replace("/tmp/jaxembed-omniglot", str(tmp_path))
+    expected = default.replace("--per_item_lrate 0.0008", "--per_item_lrate 0.0004") if trainer_flags else default
+    assert run.command == expected
