@@ -68,6 +68,9 @@ def extract(split: str, root: str, zips: str = SHARED) -> str:
     return folder
 
 
+ROTATIONS = (1, 2, 4, 8)
+
+
 def copies_folder(folder: str, rotations: int, mirror: bool = False) -> str:
     """Where `with_glyph_copies` writes `folder` with its turned (and mirrored) copies; `folder` itself for
     1 rotation without mirrors."""
@@ -79,12 +82,13 @@ def with_glyph_copies(folder: str, rotations: int, mirror: bool = False) -> str:
     """`folder` (concept folders `Alphabet/characterNN/`) plus each character turned by every multiple of
     360/`rotations` degrees as a new concept `Alphabet/characterNN_r<degrees>`, and with `mirror` each of
     those also mirrored left-right first (`characterNN_m`, `characterNN_m_r<degrees>`): a mirrored glyph
-    is another character, as a turned one is. Written once next to `folder` (`copies_folder`);
-    `folder` itself for 1 rotation without mirrors."""
+    is another character, as a turned one is. Quarter turns and mirrors move pixels exactly; the 45-degree
+    turns of 8 rotations are resampled (bilinear, white fill; a glyph's corners may leave the square).
+    Written once next to `folder` (`copies_folder`); `folder` itself for 1 rotation without mirrors."""
     from PIL import Image
 
-    if rotations not in (1, 2, 4):
-        raise ValueError(f"rotations={rotations}: expected 1, 2 or 4 (turns by multiples of 90 degrees)")
+    if rotations not in ROTATIONS:
+        raise ValueError(f"rotations={rotations}: expected 1, 2, 4 or 8 (turns by multiples of 360/rotations degrees)")
     target = copies_folder(folder, rotations, mirror)
     if target == folder:
         return folder
@@ -103,7 +107,9 @@ def with_glyph_copies(folder: str, rotations: int, mirror: bool = False) -> str:
                         with Image.open(os.path.join(source, drawing)) as image:
                             # Exact pixel moves (transposes, no resampling); turns counter-clockwise.
                             copy = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirrored else image
-                            if degrees:
+                            if degrees % 90:  # counter-clockwise, like the transposes
+                                copy = copy.convert("L").rotate(degrees, Image.Resampling.BILINEAR, fillcolor=255)
+                            elif degrees:
                                 copy = copy.transpose(Image.Transpose[f"ROTATE_{degrees}"])
                             copy.save(os.path.join(target, alphabet, name, drawing))
     with open(marker, "w") as f:
@@ -222,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--templates", nargs="*", choices=list(SETTINGS), default=["inception_bn"])
     parser.add_argument("--image_size", type=int, default=80)
     parser.add_argument("--num_epochs", type=int, default=5)
-    parser.add_argument("--rotations", type=int, default=4, choices=(1, 2, 4),
+    parser.add_argument("--rotations", type=int, default=4, choices=ROTATIONS,
                         help="train on each character turned this many ways, each turn a concept of its own")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="also train on each character (and each turn) mirrored left-right, as a concept of its own")

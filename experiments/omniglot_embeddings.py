@@ -13,11 +13,12 @@ for each finished omniglot.py run named (RUN_DIR, e.g.
 /tmp/jaxembed-omniglot/run_inception_bn_80px_5ep_rot4_mirror): no training, and the test set is read
 only once the choice is made. A finished validation run is reused.
 
-    python experiments/omniglot_embeddings.py --trainer_flags='--per_item_lrate 0.0004'
+    python experiments/omniglot_embeddings.py --rotations 8 --trainer_flags='--per_item_lrate 0.0004'
 
-validates a training setting the same way: the default command with those flags, trained without the
-validation alphabet, every candidate scored on it (results beside the default's, suffixed with the flags).
-A setting earns a 30-minute test run (omniglot.py --trainer_flags=...) only by beating the default here.
+validates a training setting the same way: omniglot.py's training flags (`TRAINING_SETTINGS`) change the
+default command, trained without the validation alphabet, every candidate scored on it (workdir and
+results beside the default's, suffixed with the flags). A setting earns a 30-minute test run (omniglot.py
+with the same flags) only by beating the default here.
 """
 
 from __future__ import annotations
@@ -49,18 +50,44 @@ def without_alphabet(folder: str, alphabet: str) -> str:
     return target
 
 
+# omniglot.py's flags that change how its command trains; the others name the templates, the test set's
+# outputs or the embedding, which is what this script chooses.
+TRAINING_SETTINGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "mirror", "rotation_degrees",
+                     "shear_degrees", "trainer_flags")
+
+
+def training_setting(flags: list[str]) -> argparse.Namespace:
+    """omniglot.py's arguments for its default command changed by `flags` (a setting to validate), with
+    no embedding choice (the candidates are read from every block).
+
+    Raises:
+      ValueError: naming a flag of omniglot.py that does not change the training, or one it lacks.
+    """
+    omniglot_parser = omniglot.parser()
+    try:
+        setting = omniglot_parser.parse_args(["--embedding_layer", "", *flags])
+    except SystemExit:
+        raise ValueError(f"{shlex.join(flags)}: not flags of experiments/omniglot.py (see its --help)") from None
+    default = omniglot_parser.parse_args(["--embedding_layer", ""])
+    other = sorted(key for key in vars(setting) if getattr(setting, key) != getattr(default, key)
+                   and key not in TRAINING_SETTINGS)
+    if other:
+        raise ValueError(f"{shlex.join(flags)}: --{', --'.join(other)} do not change the training; "
+                         f"a setting to validate may change --{', --'.join(TRAINING_SETTINGS)}")
+    return setting
+
+
 def validation_run(args) -> runner.TrainedRun:
-    """omniglot.py's default command, before its embedding choice, with `args.trainer_flags` (a training
-    setting to validate), trained without the validation alphabet (now, unless a finished run of it is
+    """omniglot.py's default command with the setting `args.setting` (its flags; none: the default), before
+    its embedding choice, trained without the validation alphabet (now, unless a finished run of it is
     there: then its `seconds` are 0)."""
-    # The candidates are read below, so the run has no embedding choice.
-    defaults = omniglot.parser().parse_args(["--embedding_layer", "", "--trainer_flags", args.trainer_flags])
+    defaults = training_setting(args.setting)
     train_folder = omniglot.extract("images_background_small1", args.workdir)
     folder = omniglot.with_glyph_copies(without_alphabet(train_folder, args.validation_alphabet),
                                         defaults.rotations, defaults.mirror)
     flags = omniglot.train_flags("inception_bn", defaults, folder)
     workdir = os.path.join(args.workdir, f"run_validation_without_{args.validation_alphabet}"
-                                         f"{omniglot.flags_label(args.trainer_flags)}")
+                                         f"{omniglot.flags_label(shlex.join(args.setting))}")
     if os.path.isfile(os.path.join(workdir, "summary.json")):
         print(f"{workdir}: finished, reused", file=sys.stderr, flush=True)
         return runner.TrainedRun(command=shlex.join(["python", "-m", "jaxembed.train", *flags]), workdir=workdir,
@@ -185,16 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("test_runs", nargs="*", help="finished omniglot.py runs to score with the chosen embedding")
     parser.add_argument("--validation_alphabet", default="Korean",
                         help="the background_small1 alphabet left out of training and chosen on (Korean: 40 characters)")
-    parser.add_argument("--trainer_flags", default="",
-                        help="a training setting to validate: more `python -m jaxembed.train` flags for the "
-                             "validation run, in one argument (--trainer_flags='--per_item_lrate 0.0004')")
     parser.add_argument("--episodes", type=int, default=20_000, help="one-shot episodes of the low-noise test column")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxembed-omniglot"),
                         help="where omniglot.py extracted the zips")
     parser.add_argument("--out", help="results path without extension (default: experiments/results/"
-                                      "omniglot_embeddings, suffixed with the trainer flags' label)")
-    args = parser.parse_args(argv)
-    args.out = args.out or os.path.join(runner.RESULTS, "omniglot_embeddings" + omniglot.flags_label(args.trainer_flags))
+                                      "omniglot_embeddings, suffixed with the setting's flags)")
+    parser.epilog = (f"Any other flags are omniglot.py's training setting to validate (--{', --'.join(TRAINING_SETTINGS)}; "
+                     "--trainer_flags='...' with its '=').")
+    args, args.setting = parser.parse_known_args(argv)
+    try:
+        training_setting(args.setting)
+    except ValueError as error:
+        parser.error(str(error))
+    args.out = args.out or os.path.join(runner.RESULTS, "omniglot_embeddings" + omniglot.flags_label(shlex.join(args.setting)))
     runner.refuse_unfinished(parser, args.test_runs)
 
     result = {"validation": validation(args), "episodes": args.episodes}

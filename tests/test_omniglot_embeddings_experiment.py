@@ -43,7 +43,8 @@ def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, cap
     assert f"{tmp_path}: no summary.json, not a finished run" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["omniglot_embeddings", "omniglot_embeddings_balinese"])
+@pytest.mark.parametrize("name", ["omniglot_embeddings", "omniglot_embeddings_balinese",
+                                  "omniglot_embeddings_trainer_flags_per_item_lrate_0.0004"])
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     results = experiment_script.EXPERIMENTS / "results" / name
     result = json.loads(results.with_suffix(".json").read_text())
@@ -54,16 +55,29 @@ def test_the_committed_table_is_what_the_committed_json_gives(script, name):
                                               "embedding_pooling": best["embedding_pooling"]}
 
 
-@pytest.mark.parametrize("trainer_flags", ["", "--per_item_lrate 0.0004"])
-def test_a_training_setting_is_validated_by_the_default_command_with_its_flags(script, tmp_path, trainer_flags):
+@pytest.mark.parametrize("setting", [[], ["--rotations", "8", "--trainer_flags=--per_item_lrate 0.0004"]])
+def test_a_training_setting_is_validated_by_the_default_command_with_its_flags(script, tmp_path, setting):
     _folder(tmp_path / "images_background_small1")
-    workdir = tmp_path / ("run_validation_without_Korean" + ("_per_item_lrate_0.0004" if trainer_flags else ""))
+    label = "_rotations_8_trainer_flags_per_item_lrate_0.0004" if setting else ""
+    workdir = tmp_path / f"run_validation_without_Korean{label}"
     workdir.mkdir()
     (workdir / "summary.json").write_text("{}")  # a finished run: reused, so nothing trains here
-    args = script.argparse.Namespace(workdir=str(tmp_path), validation_alphabet="Korean", trainer_flags=trainer_flags)
+    args = script.argparse.Namespace(workdir=str(tmp_path), validation_alphabet="Korean", setting=setting)
     run = script.validation_run(args)
     assert run.workdir == str(workdir) and run.seconds == 0.0
     committed = json.loads((experiment_script.EXPERIMENTS / "results" / "omniglot_embeddings.json").read_text())
     default = committed["validation"]["command"].replace("/tmp/jaxembed-omniglot", str(tmp_path))
-    expected = default.replace("--per_item_lrate 0.0008", "--per_item_lrate 0.0004") if trainer_flags else default
+    expected = (default.replace("_rot4_", "_rot8_").replace("--per_item_lrate 0.0008", "--per_item_lrate 0.0004")
+                if setting else default)
     assert run.command == expected
+    if setting:  # trained on the setting's copies: 16 per character
+        assert sorted(os.listdir(tmp_path / "images_background_small1_without_Korean_rot8_mirror" / "Latin")) == sorted(
+            f"character0{n}{m}{f'_r{d}' if d else ''}" for n in (1, 2) for m in ("", "_m") for d in range(0, 360, 45))
+
+
+def test_a_setting_that_does_not_change_the_training_is_refused_by_name(script, tmp_path, capsys):
+    for flags, message in ((["--templates", "resnext"], "--templates do not change the training"),
+                           (["--rotations", "3"], "not flags of experiments/omniglot.py")):
+        with pytest.raises(SystemExit):
+            script.main([*flags, "--out", str(tmp_path / "out")])
+        assert message in capsys.readouterr().err

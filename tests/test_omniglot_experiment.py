@@ -113,3 +113,23 @@ def test_mirrored_copies_are_new_concepts_mirrored_then_turned(script, tmp_path)
         np.testing.assert_array_equal(got, want)
     mirrors_only = script.with_glyph_copies(str(tmp_path / "train"), 1, mirror=True)
     assert sorted(os.listdir(os.path.join(mirrors_only, "Alphabet"))) == ["character01", "character01_m"]
+
+
+def test_eight_rotations_add_glyphs_turned_by_45_degrees(script, tmp_path):
+    pixels = np.full((21, 21), 255, np.uint8)
+    pixels[10, 3:18] = 0  # a black horizontal bar through the centre
+    folder = tmp_path / "train" / "Alphabet" / "character01"
+    folder.mkdir(parents=True)
+    Image.fromarray(pixels).save(folder / "0001_01.png")
+    copies = script.with_glyph_copies(str(tmp_path / "train"), 8)
+    assert sorted(data_lib.load_source(copies).concepts) == sorted(
+        f"Alphabet/character01{f'_r{degrees}' if degrees else ''}" for degrees in range(0, 360, 45))
+    for degrees in (90, 180, 270):  # quarter turns stay exact pixel moves
+        turned = np.asarray(Image.open(os.path.join(copies, "Alphabet", f"character01_r{degrees}", "0001_01.png")))
+        np.testing.assert_array_equal(turned, np.rot90(pixels, degrees // 90))
+    for degrees, slope in ((45, -1), (135, 1)):  # rows grow downwards: counter-clockwise 45 deg runs up to the right
+        ink = 255 - np.asarray(Image.open(os.path.join(copies, "Alphabet", f"character01_r{degrees}", "0001_01.png")),
+                               np.float64)
+        rows, cols = np.nonzero(ink > 127)
+        assert len(rows) >= 10 and np.all(rows - 10 == slope * (cols - 10))  # on the diagonal through the centre
+        assert ink[0, 0] == ink[0, -1] == 0  # the corners that turned in from outside are white
