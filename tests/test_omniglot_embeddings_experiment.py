@@ -47,8 +47,8 @@ def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, cap
                                   "omniglot_embeddings_trainer_flags_per_item_lrate_0.0004"])
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     results = experiment_script.EXPERIMENTS / "results" / name
-    result = json.loads(results.with_suffix(".json").read_text())
-    assert script.markdown(result) == results.with_suffix(".md").read_text()
+    result = json.loads(results.with_name(f"{name}.json").read_text())
+    assert script.markdown(result) == results.with_name(f"{name}.md").read_text()
     candidates = result["validation"]["candidates"]
     best = max(candidates, key=lambda row: row["map@r"])
     assert result["validation"]["chosen"] == {"embedding_layer": best["embedding_layer"],
