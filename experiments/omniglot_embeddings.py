@@ -13,9 +13,9 @@ for each finished omniglot.py run named (RUN_DIR, e.g.
 /tmp/jaxembed-omniglot/run_inception_bn_80px_5ep_rot4_mirror): no training, and the test set is read
 only once the choice is made. A finished validation run is reused.
 
-    python experiments/omniglot_embeddings.py --rotations 8 --trainer_flags='--per_item_lrate 0.0004'
+    python experiments/omniglot_embeddings.py --setting="--rotations 8 --trainer_flags='--per_item_lrate 0.0004'"
 
-validates a training setting the same way: omniglot.py's training flags (`TRAINING_SETTINGS`) change the
+validates a training setting the same way: omniglot.py's training flags (`TRAINING_SETTINGS`) change its
 default command, trained without the validation alphabet, every candidate scored on it (workdir and
 results beside the default's, suffixed with the flags). A setting earns a 30-minute test run (omniglot.py
 with the same flags) only by beating the default here.
@@ -217,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="where omniglot.py extracted the zips")
     parser.add_argument("--out", help="results path without extension (default: experiments/results/"
                                       "omniglot_embeddings, suffixed with the setting's flags)")
-    parser.epilog = (f"Any other flags are omniglot.py's training setting to validate (--{', --'.join(TRAINING_SETTINGS)}; "
-                     "--trainer_flags='...' with its '=').")
-    args, args.setting = parser.parse_known_args(argv)
+    parser.add_argument("--setting", type=shlex.split, default=[],
+                        help="a training setting to validate: omniglot.py flags in one argument, of "
+                             f"--{', --'.join(TRAINING_SETTINGS)}, after '=': --setting='--rotations 8' (default: none)")
+    args = parser.parse_args(argv)
     try:
         training_setting(args.setting)
     except ValueError as error:

@@ -76,8 +76,8 @@ def test_a_training_setting_is_validated_by_the_default_command_with_its_flags(s
 
 
 def test_a_setting_that_does_not_change_the_training_is_refused_by_name(script, tmp_path, capsys):
-    for flags, message in ((["--templates", "resnext"], "--templates do not change the training"),
-                           (["--rotations", "3"], "not flags of experiments/omniglot.py")):
+    for setting, message in (("--templates resnext", "--templates do not change the training"),
+                             ("--rotations 3", "not flags of experiments/omniglot.py")):
         with pytest.raises(SystemExit):
-            script.main([*flags, "--out", str(tmp_path / "out")])
+            script.main([f"--setting={setting}", "--out", str(tmp_path / "out")])
         assert message in capsys.readouterr().err
