@@ -17,7 +17,8 @@ each as a concept of its own (`Korean/character01_r90`): four times the concepts
 work on Omniglot commonly does; a turned character is another shape, so it is a new concept, not an
 augmentation of the old one. `--mirror` adds each of those mirrored left-right as a concept too
 (`character01_m`, `character01_m_r90`, ...: 1,088 concepts with 4 rotations), for the same reason: the
-mirror image of a glyph is another glyph. Classifier rows embed with a block chosen on an alphabet left
+mirror image of a glyph is another glyph. `--rotations 8` adds the 45-degree turns between those
+(resampled; 2,176 concepts with mirrors). Classifier rows embed with a block chosen on an alphabet left
 out of training (`EMBEDDING`, experiments/omniglot_embeddings.py); `--embedding_layer ''` embeds with the
 last block's average, as rows from before did.
 Writes experiments/results/omniglot.json and .md. Rows of templates not run now are kept from the
