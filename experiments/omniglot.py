@@ -190,9 +190,9 @@ def embedding_flags(name: str, args) -> list[str]:
     return ["--embedding_layer", layer, "--embedding_pooling", args.embedding_pooling]
 
 
-def flags_label(trainer_flags: str) -> str:
-    """A workdir suffix naming extra trainer flags: "--seed 1" -> "_seed_1"; "" for none."""
-    return "_" + re.sub(r"[^A-Za-z0-9.]+", "_", trainer_flags).strip("_") if trainer_flags else ""
+def flags_label(flags: str) -> str:
+    """A workdir or results-file suffix naming extra flags: "--seed 1" -> "_seed_1"; "" for none."""
+    return "_" + re.sub(r"[^A-Za-z0-9.]+", "_", flags).strip("_") if flags else ""
 
 
 def trained_row(name: str, args, train_folder: str, test_images) -> dict:

@@ -50,10 +50,9 @@ def without_alphabet(folder: str, alphabet: str) -> str:
     return target
 
 
-# omniglot.py's flags that change how its command trains; the others name the templates, the test set's
-# outputs or the embedding, which is what this script chooses.
-TRAINING_SETTINGS = ("image_size", "num_epochs", "batch_size", "stem", "rotations", "mirror", "rotation_degrees",
-                     "shear_degrees", "trainer_flags")
+# omniglot.py's flags that change how its command trains: those a row's command depends on, less the
+# embedding, which is what this script chooses.
+TRAINING_SETTINGS = tuple(key for key in omniglot.SCRIPT_ARGS if key not in omniglot.EMBEDDING)
 
 
 def training_setting(flags: list[str]) -> argparse.Namespace:
