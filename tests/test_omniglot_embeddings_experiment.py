@@ -76,9 +76,15 @@ def test_a_training_setting_is_validated_by_the_default_command_with_its_flags(s
             f"character0{n}{m}{f'_r{d}' if d else ''}" for n in (1, 2) for m in ("", "_m") for d in range(0, 360, 45))
 
 
-def test_a_setting_that_does_not_change_the_training_is_refused_by_name(script, tmp_path, capsys):
+def test_a_setting_that_does_not_change_the_training_is_refused_by_name(script, tmp_path, capsys, monkeypatch):
+    _folder(tmp_path / "images_background_small1")  # so that a regression reaches training fast, and fails there
+
+    def train(flags, workdir):
+        raise AssertionError(f"a refused setting was trained: {flags}")
+
+    monkeypatch.setattr(script.runner, "train", train)
     for setting, message in (("--templates resnext", "--templates do not change the training"),
                              ("--rotations 3", "not flags of experiments/omniglot.py")):
         with pytest.raises(SystemExit):
-            script.main([f"--setting={setting}", "--out", str(tmp_path / "out")])
+            script.main([f"--setting={setting}", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")])
         assert message in capsys.readouterr().err
