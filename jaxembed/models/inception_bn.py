@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
 from jaxembed.models.stems import SMALL_STEM_STRIDES
-from jaxembed.models.taps import check_tap, with_tapped
+from jaxembed.models.taps import backbone_output, check_tap
 
 FEATURE_DIM = 1024
 
@@ -210,10 +210,4 @@ class InceptionBN(nn.Module):
             x = block_cls(spec=spec, conv_impl=self.conv_impl, dtype=self.dtype, name=name)(x, train)
             tapped = x if name == self.tap else tapped
 
-        # Global average pooling in float32 (any input size; accurate under bfloat16).
-        features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes is None:
-            return with_tapped(features, tapped, self.tap)
-        # Tiny next to the backbone: keep logits in float32.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="last_linear")(features)
-        return with_tapped(logits, tapped, self.tap)
+        return backbone_output(x, tapped, tap=self.tap, num_classes=self.num_classes, classifier_name="last_linear")

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxembed.models import conv_forms
 from jaxembed.models.stems import SMALL_STEM_STRIDES
-from jaxembed.models.taps import check_tap, with_tapped
+from jaxembed.models.taps import backbone_output, check_tap
 
 FEATURE_DIM = 2048  # 512 planes * bottleneck expansion 4
 
@@ -187,15 +187,7 @@ class ResNet(nn.Module):
                 )(x, train)
                 tapped = x if name == self.tap else tapped
 
-        # Global average pooling in float32: works at every input size and keeps
-        # the mean over many positions accurate under bfloat16.
-        features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        if self.num_classes is None:
-            return with_tapped(features, tapped, self.tap)
-        # The classifier is a tiny fraction of the compute; run it in float32 so
-        # logits are not rounded to bfloat16 before the loss.
-        logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name="classifier")(features)
-        return with_tapped(logits, tapped, self.tap)
+        return backbone_output(x, tapped, tap=self.tap, num_classes=self.num_classes, classifier_name="classifier")
 
 
 def _block_name(stage: int, block: int) -> str:
