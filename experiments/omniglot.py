@@ -46,9 +46,11 @@ SHARED = os.path.join(runner.REPO, "..", "shared", "datasets", "omniglot")
 RETRIEVAL = {"n_way": 20, "episodes": 1000, "seed": 0}
 
 # Per-template settings for a 2-core CPU; the --flag values a user can copy. Characters: no flips (a
-# mirrored glyph is another concept), the 3x3 stride-2 stem (32 px -> 16x16 into stage 1), 0.1 per 128
-# images with a short warmup and cosine decay, Nesterov. No label smoothing: it makes the penultimate
-# features of a classifier transfer worse to new classes (Kornblith et al., 2021).
+# mirrored glyph is another concept), 0.1 per 128 images with a short warmup and cosine decay, Nesterov.
+# No label smoothing: it makes the penultimate features of a classifier transfer worse to new classes
+# (Kornblith et al., 2021). The stem here, the 3x3 stride-2 one of the first rows, is what row labels and
+# names take as given (RECIPE_STEM); every row's stem is the script's --stem (default imagenet), which
+# follows it in the command and so overrides it.
 RECIPE = ["--stem", "small_s2", "--warmup_epochs", "0.3", "--lr_schedule", "cosine", "--nesterov",
           "--per_item_lrate", "0.0008"]
 RECIPE_STEM = RECIPE[RECIPE.index("--stem") + 1]
