@@ -35,3 +35,9 @@ def test_a_run_that_never_moves_replays_its_logged_windows(script, tmp_path):
     # The batches differ (augmentation), so the windows' losses do too: a replay of the wrong batches shows.
     assert len({round(w["logged_mean"], 4) for w in windows}) == 3
     assert "frozen: largest step / mean" in (tmp_path / "out.md").read_text()
+
+
+def test_the_committed_table_is_what_the_committed_json_gives(script):
+    results = experiment_script.EXPERIMENTS / "results" / "loss_spikes"
+    committed = json.loads(results.with_suffix(".json").read_text())
+    assert script.markdown(committed["runs"], committed["command"]) == results.with_suffix(".md").read_text()
