@@ -19,10 +19,11 @@ def script():
     return experiment_script.load("loss_spikes")
 
 
-def test_a_run_that_never_moves_replays_its_logged_windows(script, tmp_path):
+@pytest.mark.parametrize("template", ["inception_bn", "resnet_angular_margin"])  # ArcFace: dropout in its head
+def test_a_run_that_never_moves_replays_its_logged_windows(script, tmp_path, template):
     images = tiny.write_digits_folder(str(tmp_path / "digits"))
     # 12 steps in windows of 3; warmup (which a rate of 0 makes moot) leaves out the first window.
-    config = tiny.config("inception_bn", per_item_lrate=0.0, num_epochs=6, init_epochs=6, log_every=3,
+    config = tiny.config(template, per_item_lrate=0.0, num_epochs=6, init_epochs=6, log_every=3,
                          checkpoint_every=100, warmup_epochs=1.5)
     loop.train_and_evaluate(config, str(tmp_path / "run"), data_spec=images)
     script.main([str(tmp_path / "run"), "--out", str(tmp_path / "out")])
