@@ -28,12 +28,6 @@ import runner  # experiments/runner.py: this script's folder is on sys.path
 SPIKE = 3.0  # issue 18: no step loss above 3x its window's mean after warmup
 
 
-def windows_after_warmup(records: list[dict], warmup_epochs: float) -> list[dict]:
-    """The logged training windows after warmup (`runner.largest_loss_spike`'s), each with its first step."""
-    return [{**r, "first_step": r["step"] - r["window_steps"]} for r in records
-            if "loss_max" in r and r.get("epoch", 0) > warmup_epochs and r["loss"] > 0]
-
-
 def frozen_step_losses(workdir: str, first_step: int) -> tuple[np.ndarray, int]:
     """`(losses, final step)`: the loss of each training step from `first_step` to the run's end, computed on
     that step's batch by the run's final weights (frozen), as the step itself computed it."""
@@ -73,14 +67,14 @@ def replayed(workdir: str) -> dict:
     from jaxembed import rundir
 
     run_dir = rundir.RunDir(workdir)
-    windows = windows_after_warmup(run_dir.metrics(), run_dir.config().warmup_epochs)
+    windows = runner.windows_after_warmup(run_dir.metrics(), run_dir.config().warmup_epochs)
     if not windows:
         raise ValueError(f"{run_dir.file('metrics.jsonl')}: no window after warmup logs loss_max")
-    first = windows[0]["first_step"]
+    first = windows[0]["step"] - windows[0]["window_steps"]
     losses, final_step = frozen_step_losses(workdir, first)
     rows = []
     for window in windows:
-        frozen = losses[window["first_step"] - first:window["step"] - first]
+        frozen = losses[window["step"] - window["window_steps"] - first:window["step"] - first]
         rows.append({"step": window["step"], "steps_before_end": final_step - window["step"],
                      "logged_mean": window["loss"], "logged_max": window["loss_max"],
                      "logged_ratio": window["loss_max"] / window["loss"],

@@ -96,12 +96,16 @@ def refuse_unfinished(parser, workdirs: Sequence[str]) -> None:
             parser.error(f"{workdir}: no summary.json, not a finished run")
 
 
+def windows_after_warmup(records: Sequence[dict], warmup_epochs: float) -> list[dict]:
+    """The metrics.jsonl records of training windows after the warmup that log `loss_max` (a positive mean
+    `loss` beside it): those issue 18's spike criterion reads."""
+    return [r for r in records if "loss_max" in r and r.get("epoch", 0) > warmup_epochs and r["loss"] > 0]
+
+
 def largest_loss_spike(records: Sequence[dict], warmup_epochs: float) -> float | None:
     """After the warmup, the largest ratio of a logging window's largest step loss to its mean (`loss_max /
     loss` of metrics.jsonl records): over 3 means a spike. None when no record has both after the warmup."""
-    ratios = [r["loss_max"] / r["loss"] for r in records
-              if "loss_max" in r and r.get("epoch", 0) > warmup_epochs and r["loss"] > 0]
-    return max(ratios, default=None)
+    return max((r["loss_max"] / r["loss"] for r in windows_after_warmup(records, warmup_epochs)), default=None)
 
 
 def train(flags: Sequence[str], workdir: str, *, env: dict | None = None) -> TrainedRun:
