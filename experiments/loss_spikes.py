@@ -33,16 +33,13 @@ def frozen_step_losses(workdir: str, first_step: int) -> tuple[np.ndarray, int]:
     that step's batch by the run's final weights (frozen), as the step itself computed it."""
     import jax
 
-    from jaxembed import data as data_lib
-    from jaxembed import fileio, parallel, rundir
+    from jaxembed import parallel, rundir
     from jaxembed.train import loop, prepare, steps as steps_lib
 
     run_dir = rundir.RunDir(workdir)
-    config, spec = run_dir.config(), run_dir.record().get("data")
-    data = data_lib.load_source(None if spec in (None, "default") else spec, data_dir=config.data_dir,
-                                depth=config.depth)
+    config, data = run_dir.config(), run_dir.data()
     run = prepare.prepare_run(config, data)
-    if run.heldout.tolist() != fileio.read_json(run_dir.file("split.json"))["heldout"]:
+    if run.eval_data.item_names != run_dir.heldout(data).item_names:
         raise ValueError(f"{run_dir.file('split.json')}: the replayed split differs from the run's")
     variables, final_step = run_dir.variables()
     variables = jax.device_put(variables, parallel.replicated(run.mesh))  # beside the batches, as in training

@@ -56,10 +56,7 @@ def heldout_images(workdir: str):
       ValueError: the data source no longer holds the images the run held out (the message names split.json).
     """
     run = rundir.RunDir(workdir)
-    config, spec = run.config(), run.record().get("data")
-    data = data_lib.load_source(None if spec in (None, "default") else spec, data_dir=config.data_dir,
-                                depth=config.depth)
-    return run.heldout(data)
+    return run.heldout(run.data())
 
 
 def pca_2d(embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

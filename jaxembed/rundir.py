@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxembed import fileio, templates
-from jaxembed.data import LabelledImages, load_label_map, save_label_map
+from jaxembed.data import LabelledImages, load_label_map, load_source, save_label_map
 from jaxembed.data.pipeline import host_tensorflow
 
 log = logging.getLogger("jaxembed.rundir")
@@ -220,6 +220,11 @@ class RunDir:
         if os.path.exists(path):
             return load_label_map(path)
         return tuple(self.record()["concepts"])
+
+    def data(self) -> LabelledImages:
+        """The run's data loaded again from the source run.json names (the embedded default when "default")."""
+        config, spec = self.config(), self.record().get("data")
+        return load_source(None if spec in (None, "default") else spec, data_dir=config.data_dir, depth=config.depth)
 
     def heldout(self, data: LabelledImages) -> LabelledImages:
         """The held-out images of `data`, the run's data loaded again, exactly as the run held them out.

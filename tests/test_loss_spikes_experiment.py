@@ -8,7 +8,6 @@ costs ~1e-15 relative, and the bound 1e-10 is far below any real mistake (a batc
 import json
 
 import jax
-
 import numpy as np
 import pytest
 
