@@ -112,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     runner.refuse_unfinished(parser, args.runs)
     results = []
     for workdir in args.runs:
-        results.append(replayed(workdir))
+        try:
+            results.append(replayed(workdir))
+        except ValueError as error:  # names metrics.jsonl or split.json
+            parser.error(str(error))
         s = results[-1]["largest"]
         print(f"{workdir}: logged {s['logged_ratio']:.2f}x, frozen {s['frozen_ratio']:.2f}x at step {s['step']}",
               file=sys.stderr, flush=True)
