@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -42,19 +43,30 @@ def run_tool(prog: str, work: Callable[[], None]) -> int:
     return 0
 
 
-# `jaxembed.load`'s keywords (and the tools' flags) that read a classifier run's embedding from another block.
-EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling")
+# `jaxembed.load`'s keywords (and the tools' flags) that choose how a run's embedding is read: a classifier's
+# from another block or pooling, and a learned whitening fitted on the run's embeddings.
+EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling", "whitening")
 
 
-def add_embedding_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--embedding_layer` and `--embedding_pooling`: a classifier run's embedding read from another block or
-    pooling than it was trained with (`jaxembed.load`'s keywords of the same names; they change no parameter)."""
-    group = parser.add_argument_group("embedding (classifier runs; unset: the run's own)")
-    group.add_argument("--embedding_layer", help="the backbone block whose output map, pooled, is the embedding, "
-                                                 "e.g. inception_4c or stage3_block5 (the last block by its name)")
-    group.add_argument("--embedding_pooling", help="how that map is pooled: avg, max or gem (generalised mean, p=3)")
+def add_embedding_arguments(parser: argparse.ArgumentParser, *, whitening: bool = True) -> None:
+    """`--embedding_layer`, `--embedding_pooling` (a classifier run's embedding read from another block or
+    pooling than it was trained with; they change no parameter) and, with `whitening`, `--whitening FILE`:
+    `jaxembed.load`'s keywords of the same names."""
+    group = parser.add_argument_group("embedding (unset: the run's own)")
+    group.add_argument("--embedding_layer", help="classifier runs: the backbone block whose output map, pooled, is "
+                                                 "the embedding, e.g. inception_4c or stage3_block5 (the last block "
+                                                 "by its name)")
+    group.add_argument("--embedding_pooling", help="classifier runs: how that map is pooled: avg, max or gem "
+                                                   "(generalised mean, p=3)")
+    if whitening:
+        group.add_argument("--whitening", help="a learned whitening `python -m jaxembed.whitening` fitted on this "
+                                               "run's embeddings (with the same block and pooling): project by it")
 
 
 def embedding_arguments(args: argparse.Namespace) -> dict[str, str]:
-    """The options of `add_embedding_arguments` that were given, as `jaxembed.load` keywords."""
-    return {name: getattr(args, name) for name in EMBEDDING_SETTINGS if getattr(args, name) is not None}
+    """The options of `add_embedding_arguments` that were given, as `jaxembed.load` keywords (a whitening file
+    by its absolute path, so an index that records it finds it from any directory)."""
+    given = {name: getattr(args, name) for name in EMBEDDING_SETTINGS if getattr(args, name, None) is not None}
+    if "whitening" in given:
+        given["whitening"] = os.path.abspath(given["whitening"])
+    return given

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
 from jaxembed import cli, fileio, parallel, rundir, tasks, templates
+from jaxembed import whitening as whitening_lib
 
 log = logging.getLogger("jaxembed.embed")
 
@@ -41,6 +42,8 @@ class Embedder:
       config: the template configuration it was trained with.
       concepts: concept names, index -> name.
       apply_fn: `(variables, images) -> outputs dict` (`embedding`, and `logits` for classifiers).
+      step: the checkpoint step the variables come from.
+      whitening: the learned whitening applied to the embeddings (`jaxembed.whitening`), or None.
     """
 
     embed_fn: Callable[[Any, jax.Array], jax.Array]
@@ -48,6 +51,8 @@ class Embedder:
     config: templates.Config
     concepts: tuple[str, ...]
     apply_fn: Callable[[Any, jax.Array], dict]
+    step: int | None = None
+    whitening: whitening_lib.Whitening | None = None
     batch_size: int = 64
 
     @property
@@ -92,8 +97,14 @@ EMBEDDING_SETTINGS = cli.EMBEDDING_SETTINGS
 
 
 def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> dict[str, Any]:
-    """The settings of `embedding` that differ from the run's own (`config`): those that change its embedding."""
-    return {name: value for name, value in embedding.items() if getattr(config, name) != value}
+    """The settings of `embedding` that differ from the run's own (`config`): those that change its embedding
+    (`whitening`, which no run has of its own, whenever it is given)."""
+    return {name: value for name, value in embedding.items() if getattr(config, name, None) != value}
+
+
+def embedding_of(config: templates.Config) -> dict[str, Any]:
+    """The embedding settings `config` reads its embedding with (`embedding_layer` None: the last block)."""
+    return {name: getattr(config, name) for name in EMBEDDING_SETTINGS if name != "whitening"}
 
 
 def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder:
@@ -101,12 +112,14 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
 
     `embedding`: `embedding_layer=` and/or `embedding_pooling=` to embed from another block than the
     run was trained with (they change no parameter, so any finished classifier run can be read so); a
-    setting equal to the run's own changes nothing.
+    setting equal to the run's own changes nothing. `whitening=` a file `python -m jaxembed.whitening`
+    fitted on this run's embeddings (same checkpoint, block and pooling): the embeddings are projected by it.
     Reads the run through `jaxembed.rundir.RunDir` without locking it: safe while the run trains.
     """
     unknown = sorted(set(embedding) - set(EMBEDDING_SETTINGS))
     if unknown:
         raise TypeError(f"load() got {', '.join(unknown)}; it takes {', '.join(EMBEDDING_SETTINGS)}")
+    whitening_path = embedding.pop("whitening", None)
     run = rundir.RunDir(workdir)
     config, concepts = run.config(), run.concepts()
     embedding = embedding_changes(config, embedding)
@@ -114,19 +127,44 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
         raise ValueError(f"{workdir}: embedding_neck={config.embedding_neck!r} keeps a running mean of the run's "
                          f"own embedding, so another embedding_layer or embedding_pooling cannot be read from it")
     config = config.replace(**embedding)
-    variables, _ = run.variables(step)
+    variables, step = run.variables(step)
     # The checkpoint's ArcFace centres lost their model-parallel padding: build the model unpadded.
     model = tasks.build_model(config.replace(model_parallelism=1), len(concepts))
     variables = jax.tree.map(jnp.asarray, variables)
+    whitening = None
+    if whitening_path is not None:
+        dim = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)["embedding"], variables,
+                             jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)).shape[-1]
+        whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim, **embedding_of(config))
 
-    @jax.jit  # compiled once per Embedder and image batch shape; still usable inside the caller's jit
-    def apply_fn(variables, images):
-        return model.apply(variables, images, train=False)
+    def outputs_fn(variables, images):
+        outputs = model.apply(variables, images, train=False)
+        return outputs if whitening is None else {**outputs, "embedding": whitening(outputs["embedding"])}
 
     def embed_fn(variables, images):
-        return model.apply(variables, images, train=False)["embedding"]
+        return outputs_fn(variables, images)["embedding"]
 
-    return Embedder(embed_fn=embed_fn, variables=variables, config=config, concepts=concepts, apply_fn=apply_fn)
+    # apply_fn is compiled once per Embedder and image batch shape; still usable inside the caller's jit.
+    return Embedder(embed_fn=embed_fn, variables=variables, config=config, concepts=concepts,
+                    apply_fn=jax.jit(outputs_fn), step=step, whitening=whitening)
+
+
+def matching_whitening(path: str, workdir: str, *, dim: int, **expected: Any) -> whitening_lib.Whitening:
+    """The whitening in `path`, checked to have been fitted on the embeddings `workdir` now gives (`expected`:
+    checkpoint step and embedding settings; `dim`: their dimension).
+
+    Raises:
+      ValueError: naming `path`, what it was fitted on, and how to fit it again.
+    """
+    whitening = whitening_lib.load(path)
+    differ = [f"{name} {whitening.fitted_on.get(name)!r} (now {value!r})" for name, value in expected.items()
+              if whitening.fitted_on.get(name) != value]
+    if whitening.mean.shape != (dim,):
+        differ.append(f"dimension {whitening.mean.shape[0]} (now {dim})")
+    if differ:
+        raise ValueError(f"{path} was fitted on other embeddings than {workdir} gives: {'; '.join(differ)}; fit it "
+                         f"again: python -m jaxembed.whitening --workdir {workdir} --images TRAINING_IMAGES")
+    return whitening
 
 
 def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, batch_size: int = 64,
