@@ -324,6 +324,28 @@ def test_an_index_read_from_another_block_records_it_and_search_embeds_queries_t
     assert same == {**same, "added": 0, "already_stored": 12}
 
 
+def test_an_index_made_with_a_whitening_records_its_path_and_search_projects_queries_by_it(indexed, capsys,
+                                                                                          monkeypatch):
+    from jaxembed import whitening
+
+    fitted = str(indexed["base"] / "whitening.npz")
+    assert whitening.main(["--workdir", indexed["workdir"], "--images", indexed["images"], "--out", fitted,
+                           "--dims", "4"]) == 0
+    out, sevens = str(indexed["base"] / "whitened"), os.path.join(indexed["images"], "7")
+    monkeypatch.chdir(indexed["base"])  # a relative --whitening is recorded by its absolute path
+    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+                       "--whitening", "whitening.npz"]) == 0
+    capsys.readouterr()
+    stored = index.read_index(out)
+    assert stored.meta["run"]["embedding"] == {"whitening": fitted}
+    assert stored.vectors.shape == (12, 4)
+    monkeypatch.chdir("/")
+    # As above: each query, embedded again with the recorded whitening, finds its own vector (float32 rounding).
+    results = search.search_images(search.Index.load(out), sevens, 1)
+    assert [r["query"] for r in results] == list(stored.paths)
+    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+
+
 def test_search_command_prints_json_and_writes_the_page(indexed, capsys):
     page = str(indexed["base"] / "search.html")
     assert search.main(["--index", indexed["index"], "--query", os.path.join(indexed["images"], "7"), "-k", "5",
