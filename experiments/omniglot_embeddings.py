@@ -184,15 +184,6 @@ def markdown(result: dict) -> str:
     cells = [[row["embedding_layer"], row["embedding_pooling"], number(row["recall@1"]), number(row["map@r"]),
               number(row.get("one_shot_20way"))] for row in valid["candidates"]]
     candidates = runner.markdown_table(["block", "pooling", "Recall@1", "MAP@R", "20-way one-shot"], cells)
-    episodes = result["episodes"]
-    metric_names = ("recall@1", "map@r", "one_shot_20way", "one_shot_20way_more_episodes")
-    cells = [[row["run"], *(f"{number(row['last'][m])} -> {number(row['chosen'][m])}" for m in metric_names)]
-             for row in result["test"]]
-    header = ["run (omniglot.py workdir)", "Recall@1", "MAP@R", f"one-shot, {omniglot.RETRIEVAL['episodes']:,} episodes",
-              f"one-shot, {episodes:,} episodes"]
-    tests = runner.markdown_table(header, cells)
-    gains = [row["chosen"]["one_shot_20way_more_episodes"] - row["last"]["one_shot_20way_more_episodes"]
-             for row in result["test"]]
     return "\n".join([
         f"Validation: omniglot.py's default command trained without {valid['alphabet']} "
         f"(`{valid['command']}`), every block's output map pooled three ways, scored on the {valid['images']:,} "
@@ -201,9 +192,23 @@ def markdown(result: dict) -> str:
         *candidates, "",
         "Test: finished omniglot.py runs on omniglot.md's 106 unseen concepts, the last block average-pooled (the "
         "embedding omniglot.md scored) -> the chosen one (same weights: the setting changes no parameter).", "",
-        *tests, "",
-        (f"- one-shot gain over {episodes:,} episodes: mean {statistics.mean(gains):+.3f}, min {min(gains):+.3f}, "
-         f"max {max(gains):+.3f} over {len(gains)} runs" if gains else "- (no test runs named)"), ""])
+        *before_and_after(result["test"], "last", "chosen", episodes=result["episodes"]), ""])
+
+
+def before_and_after(test_rows: list[dict], before: str, after: str, *, episodes: int) -> list[str]:
+    """Markdown lines: each test run's metrics `before` -> `after` (keys of its row), and the one-shot gain
+    over `episodes` episodes."""
+    number = runner.number
+    metric_names = ("recall@1", "map@r", "one_shot_20way", "one_shot_20way_more_episodes")
+    cells = [[row["run"], *(f"{number(row[before][m])} -> {number(row[after][m])}" for m in metric_names)]
+             for row in test_rows]
+    header = ["run (omniglot.py workdir)", "Recall@1", "MAP@R", f"one-shot, {omniglot.RETRIEVAL['episodes']:,} episodes",
+              f"one-shot, {episodes:,} episodes"]
+    gains = [row[after]["one_shot_20way_more_episodes"] - row[before]["one_shot_20way_more_episodes"]
+             for row in test_rows]
+    return [*runner.markdown_table(header, cells), "",
+            (f"- one-shot gain over {episodes:,} episodes: mean {statistics.mean(gains):+.3f}, min {min(gains):+.3f}, "
+             f"max {max(gains):+.3f} over {len(gains)} runs" if gains else "- (no test runs named)")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -232,11 +232,23 @@ class RunDir:
         Raises:
           ValueError: naming split.json when `data` is not the data the run was trained on.
         """
+        return data.subset(self._heldout_positions(data))
+
+    def trained_on(self, data: LabelledImages) -> LabelledImages:
+        """The images of `data`, the run's data loaded again, that the run trained on: all but the held-out.
+
+        Raises:
+          ValueError: naming split.json when `data` is not the data the run was trained on.
+        """
+        heldout = set(self._heldout_positions(data))
+        return data.subset([i for i in range(len(data)) if i not in heldout])
+
+    def _heldout_positions(self, data: LabelledImages) -> list[int]:
         split = fileio.read_json(self._require("split.json"))
         if not split_matches(split, data):
             raise ValueError(f"{self.file('split.json')} does not match the data given ({len(data)} images, "
                              f"{data.source or 'default'}): the run held out images of {split['num_items']}")
-        return data.subset(split["heldout"])
+        return split["heldout"]
 
     def metrics(self) -> list[dict]:
         """metrics.jsonl's records, oldest first."""

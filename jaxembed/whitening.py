@@ -1,6 +1,6 @@
 """Learned whitening of a run's embeddings, fitted on labelled images, and `python -m jaxembed.whitening`.
 
-    python -m jaxembed.whitening --workdir runs/omniglot --images TRAINING_FOLDER [--dims 64 --shrinkage 1]
+    python -m jaxembed.whitening --workdir runs/omniglot [--images FOLDER] [--dims 64 --shrinkage 1]
     embedder = jaxembed.load("runs/omniglot", whitening="runs/omniglot/whitening.npz")
 
 A classifier's embedding spends many of its dimensions on what varies within a concept (stroke width,
@@ -11,8 +11,8 @@ spread, largest first), keep the leading `dims`, and normalise to unit length ag
 shrunk towards a multiple of the identity: a few thousand images cannot pin down a several-hundred-dimensional
 covariance's small eigenvalues, and whitening divides by them.
 
-Fit it on the images the run trained on (their concepts are what it knows how to tell apart); it then
-applies to concepts never trained on. On Omniglot's unseen alphabets it raised MAP@R and one-shot accuracy
+By default it is fitted on the images the run trained on (their concepts are what it knows how to tell
+apart, and held-out images stay unseen); it then applies to concepts never trained on. On Omniglot's unseen alphabets it raised MAP@R and one-shot accuracy
 (README, experiments/omniglot_whitening.py, which chose `dims` and `shrinkage`); on photos it was not
 measured, so it is off unless asked for.
 """
@@ -124,8 +124,8 @@ def load(path: str) -> Whitening:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxembed.whitening", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint embeds)")
-    parser.add_argument("--images", required=True, help="labelled images to fit on, as for jaxembed.train's "
-                                                        "--data: the run's training images are the usual choice")
+    parser.add_argument("--images", help="labelled images to fit on, as for jaxembed.train's --data (default: the "
+                                         "images the run trained on, its held-out ones left out)")
     parser.add_argument("--out", help="the .npz to write (default: WORKDIR/whitening.npz)")
     parser.add_argument("--dims", type=int, default=DIMS, help=f"dimensions kept (default {DIMS}; chosen on Omniglot)")
     parser.add_argument("--shrinkage", type=float, default=SHRINKAGE,
@@ -142,14 +142,21 @@ def main(argv: list[str] | None = None) -> int:
         from jaxembed import data as data_lib
         from jaxembed import embed
 
+        from jaxembed import rundir
+
         embedder = embed.load(args.workdir, **cli.embedding_arguments(args))
-        images = data_lib.load_source(args.images)
+        if args.images:
+            images = data_lib.load_source(args.images)
+        else:
+            run = rundir.RunDir(args.workdir)
+            images = run.trained_on(run.data())
         outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
                                       batch_size=args.batch_size, progress=True)
         concepts = images.primary_labels[outputs["index"]]
         whitening = fit(outputs["embedding"], concepts, dims=args.dims, shrinkage=args.shrinkage,
                         step=embedder.step, workdir=os.path.abspath(args.workdir),
-                        images_source=os.path.abspath(args.images), **embed.embedding_of(embedder.config))
+                        images_source=os.path.abspath(args.images) if args.images else "the run's training images",
+                        **embed.embedding_of(embedder.config))
         save(whitening, out)
         print(f"wrote {out}: {whitening.fitted_on['images']} images of {whitening.fitted_on['concepts']} concepts, "
               f"{whitening.projection.shape[0]} -> {whitening.fitted_on['dims']} dimensions")

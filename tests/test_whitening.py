@@ -86,9 +86,11 @@ def test_the_command_fits_the_run_and_load_projects_by_it(tiny_run, tmp_path, ca
         assert written["embeddings"].shape == (180, 4)
 
 
-def test_load_refuses_a_whitening_fitted_on_other_embeddings(tiny_run, tmp_path):
+def test_load_refuses_a_whitening_fitted_on_other_embeddings(tiny_run, tmp_path, capsys):
     path = str(tmp_path / "whitening.npz")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", path]) == 0
+    assert whitening.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
+    # By default it fits on what the run trained on: its 180 images less the 18 held out.
+    assert f"wrote {path}: 162 images of 10 concepts" in capsys.readouterr().out
     with pytest.raises(ValueError, match=rf"{path} was fitted on other embeddings than .*embedding_layer None "
                                          rf"\(now 'conv'\); embedding_pooling 'avg' \(now 'gem'\).*"
                                          rf"python -m jaxembed.whitening --workdir"):
