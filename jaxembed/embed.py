@@ -6,6 +6,7 @@
 
     python -m jaxembed.embed --workdir DIR --images FOLDER --out FILE.npz
         [--embedding_layer inception_4c --embedding_pooling gem]   # a classifier run read from another block
+        [--whitening WORKDIR/whitening.npz]                        # projected by a learned whitening
 """
 
 from __future__ import annotations
