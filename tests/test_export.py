@@ -101,3 +101,18 @@ def test_an_export_cut_short_over_an_old_artefact_refuses_to_load(embedder, tmp_
     assert sorted(os.listdir(path)) == ["embed.stablehlo", "variables.npz"]  # no temporary file left behind
     with pytest.raises(FileNotFoundError, match=r"meta\.json not found: .* is not a whole export_embedder"):
         export.load_exported(path)
+
+
+def test_an_export_with_a_whitening_gives_the_whitened_embeddings(tiny_run, tmp_path):
+    from jaxembed import whitening
+
+    fitted = str(tmp_path / "whitening.npz")
+    assert whitening.main(["--workdir", tiny_run.workdir, "--out", fitted, "--dims", "4"]) == 0
+    path = str(tmp_path / "whitened")
+    assert export.main(["--workdir", tiny_run.workdir, "--out", path, "--whitening", fitted]) == 0
+    embed = export.load_exported(path)
+    assert embed.meta["embedding_size"] == 4
+    images = random_images(3, seed=7)
+    # As the test above: two compilations of the same float32 computation.
+    np.testing.assert_allclose(embed(images), jaxembed.load(tiny_run.workdir, whitening=fitted)(images),
+                               rtol=1e-5, atol=1e-5)
