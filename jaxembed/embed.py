@@ -82,6 +82,11 @@ class Embedder:
         return self._outputs(images)["embedding"]
 
     @property
+    def embedding_dim(self) -> int:
+        """D, the embeddings' dimension (from the traced shapes: nothing is computed)."""
+        return embedding_dim(self.embed_fn, self.variables, self.image_size)
+
+    @property
     def task(self) -> tasks.Task:
         return tasks.for_config(self.config)
 
@@ -95,6 +100,12 @@ class Embedder:
 # The settings that choose a classifier's embedding without changing its parameters (`models.taps`);
 # spelled in `cli`, which the command-line tools import without the model code.
 EMBEDDING_SETTINGS = cli.EMBEDDING_SETTINGS
+
+
+def embedding_dim(embed_fn: Callable, variables, image_size: int) -> int:
+    """The dimension of `embed_fn(variables, images)`'s embeddings, from `jax.eval_shape`."""
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.uint8)
+    return jax.eval_shape(embed_fn, variables, image).shape[-1]
 
 
 def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> dict[str, Any]:
@@ -134,8 +145,7 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
     variables = jax.tree.map(jnp.asarray, variables)
     whitening = None
     if whitening_path is not None:
-        dim = jax.eval_shape(lambda v, x: model.apply(v, x, train=False)["embedding"], variables,
-                             jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)).shape[-1]
+        dim = embedding_dim(lambda v, x: model.apply(v, x, train=False)["embedding"], variables, config.image_size)
         whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim, **embedding_of(config))
 
     def outputs_fn(variables, images):
@@ -164,7 +174,8 @@ def matching_whitening(path: str, workdir: str, *, dim: int, **expected: Any) ->
         differ.append(f"dimension {whitening.mean.shape[0]} (now {dim})")
     if differ:
         raise ValueError(f"{path} was fitted on other embeddings than {workdir} gives: {'; '.join(differ)}; fit it "
-                         f"again: python -m jaxembed.whitening --workdir {workdir} --images TRAINING_IMAGES")
+                         f"again: python -m jaxembed.whitening --workdir {workdir}, with the same --embedding_layer and "
+                         f"--embedding_pooling")
     return whitening
 
 

@@ -190,17 +190,13 @@ def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
 
 def load_run(workdir: str, **embedding: str):
     """`(Embedder, RunId)` of the newest checkpoint of `workdir`, read with the `embedding` settings."""
-    import jax
-
     import jaxembed
     from jaxembed import embed, rundir
 
     step = latest_step(workdir)
     embedding = embed.embedding_changes(rundir.RunDir(workdir).config(), embedding)
     embedder = jaxembed.load(workdir, step=step, **embedding)
-    size = embedder.image_size
-    shape = jax.eval_shape(embedder.embed_fn, embedder.variables, jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
-    return embedder, RunId(os.path.abspath(workdir), step, int(shape.shape[-1]), embedding)
+    return embedder, RunId(os.path.abspath(workdir), step, int(embedder.embedding_dim), embedding)
 
 
 def latest_step(workdir: str) -> int:

@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio
+from jaxembed import cli, fileio, losses
 
 FORMAT = "jaxembed-whitening/1"
 # Chosen on Omniglot's validation alphabet (experiments/omniglot_whitening.py): of its grid, the setting whose
@@ -63,9 +63,23 @@ class Whitening:
     fitted_on: dict
 
     def __call__(self, embeddings):
-        """Works on numpy and jax arrays alike (inside a jit too)."""
-        projected = (embeddings - self.mean) @ self.projection
-        return projected / (((projected ** 2).sum(-1, keepdims=True)) ** 0.5 + 1e-12)
+        """The projected embeddings as unit vectors (a jax array; inside a jit too)."""
+        return losses.l2_normalize((embeddings - self.mean) @ self.projection)
+
+
+def check_concepts(concepts: np.ndarray) -> None:
+    """Raises ValueError unless two or more of `concepts` (one per image) have two or more images each:
+    fewer leave no within-concept spread to whiten."""
+    names, counts = np.unique(np.asarray(concepts), return_counts=True)
+    if np.sum(counts >= 2) < 2:
+        raise ValueError(f"whitening needs two or more concepts with two or more images each "
+                         f"(got {len(names)} concepts, {int(np.sum(counts >= 2))} with two or more images)")
+
+
+def check_dims(dims: int | None, dim: int) -> None:
+    """Raises ValueError unless `dims` (None: all) can be kept of a `dim`-dimensional embedding."""
+    if dims is not None and not 1 <= dims <= dim:
+        raise ValueError(f"--dims {dims}: must be between 1 and the embedding's dimension {dim}")
 
 
 def fit(embeddings: np.ndarray, concepts: np.ndarray, *, dims: int | None = DIMS, shrinkage: float = SHRINKAGE,
@@ -79,12 +93,9 @@ def fit(embeddings: np.ndarray, concepts: np.ndarray, *, dims: int | None = DIMS
       ValueError: fewer than two concepts with two or more images, or `dims` above the embedding's.
     """
     features = np.asarray(embeddings, np.float64)
-    names, index, counts = np.unique(np.asarray(concepts), return_inverse=True, return_counts=True)
-    if np.sum(counts >= 2) < 2:
-        raise ValueError(f"whitening needs two or more concepts with two or more images each "
-                         f"(got {len(names)} concepts, {int(np.sum(counts >= 2))} with two or more images)")
-    if dims is not None and not 1 <= dims <= features.shape[1]:
-        raise ValueError(f"--dims {dims}: must be between 1 and the embedding's dimension {features.shape[1]}")
+    check_concepts(concepts)
+    names, index = np.unique(np.asarray(concepts), return_inverse=True)
+    check_dims(dims, features.shape[1])
     mean = features.mean(0)
     centres = np.stack([features[index == i].mean(0) for i in range(len(names))])
     whiten = inverse_sqrt(shrunk_covariance(features - centres[index], shrinkage))
@@ -136,14 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     cli.add_embedding_arguments(parser, whitening=False)
     args = parser.parse_args(argv)
     if args.shrinkage < 0:
-        parser.error(f"--shrinkage must be >= 0 (got {args.shrinkage})")
+        parser.error(f"--shrinkage must be >= 0 (got {args.shrinkage:g})")
     out = args.out or os.path.join(args.workdir, "whitening.npz")
 
     def work():
         from jaxembed import data as data_lib
-        from jaxembed import embed
-
-        from jaxembed import rundir
+        from jaxembed import embed, rundir
 
         embedder = embed.load(args.workdir, **cli.embedding_arguments(args))
         if args.images:
@@ -151,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run = rundir.RunDir(args.workdir)
             images = run.trained_on(run.data())
+        # Checked before the forward pass, which takes minutes.
+        check_dims(args.dims, embedder.embedding_dim)
+        check_concepts(images.primary_labels)
         outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
                                       batch_size=args.batch_size, progress=True)
         concepts = images.primary_labels[outputs["index"]]
