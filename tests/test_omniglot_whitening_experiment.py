@@ -45,7 +45,7 @@ def test_principal_axes_are_the_leading_eigenvectors_unscaled(script):
     mean, axes = script.principal_axes(features, dims=2)
     np.testing.assert_allclose(axes.T @ axes, np.eye(2), atol=1e-12)  # a rotation: no whitening
     _, _, right = np.linalg.svd(features - features.mean(0))  # rows: principal axes, largest first
-    np.testing.assert_allclose(np.abs(axes.T @ right[:2].T), np.eye(2), atol=1e-10)
+    np.testing.assert_allclose(np.abs(axes.T @ right[:2].T), np.eye(2), atol=1e-12)
 
 
 def test_the_choice_is_the_setting_whose_smallest_gain_is_largest(script):
