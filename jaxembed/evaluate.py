@@ -14,9 +14,14 @@ import numpy as np
 
 from jaxembed import data as data_lib
 from jaxembed import cli, embed, fileio
-# The metrics, also reachable here (`evaluate.recall_at_k`, ...) where they were first published.
 from jaxembed.metrics import (concept_groups, map_at_r, max_n_way, mean_average_precision, n_way_one_shot_accuracy,
                               recall_at_k, retrieval_metrics, top1_accuracy)
+
+# The metrics are also reachable here (`evaluate.recall_at_k`, ...), where they were first published;
+# `jaxembed.metrics` owns them.
+__all__ = ["classification_metrics", "dataset_metrics", "format_table", "main",
+           "map_at_r", "mean_average_precision", "n_way_one_shot_accuracy", "recall_at_k", "retrieval_metrics",
+           "top1_accuracy"]
 
 # ----------------------------------------------------------------------------- scoring
 

@@ -1,4 +1,4 @@
-"""N-way one-shot accuracy on hand-computed cases, and `python -m jaxembed.evaluate`."""
+"""N-way one-shot accuracy (`jaxembed.metrics`) on hand-computed cases, and `python -m jaxembed.evaluate`."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import tiny
-from jaxembed import embed, evaluate
+from jaxembed import embed, evaluate, metrics
 
 
 def _unit(angles_degrees):
@@ -21,7 +21,7 @@ def test_one_shot_every_episode_hand_computed():
     embeddings = _unit([0, 180, 89, 91]) * np.array([[1.0], [3.0], [0.5], [2.0]])  # lengths do not matter
     labels = ["a", "a", "b", "b"]
     for seed in range(3):
-        assert evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=7, seed=seed) == 0.5
+        assert metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=7, seed=seed) == 0.5
 
 
 def test_one_shot_expectation_over_supports():
@@ -29,9 +29,9 @@ def test_one_shot_expectation_over_supports():
     # (60): that episode scores 1/2. Support a@60: the query a@0 is nearer it (60) than b (90+): 1.
     # b queries are always right. Each a-support is drawn with probability 1/2: expectation 3/4.
     embeddings, labels = _unit([0, 60, 90, 100]), np.array([0, 0, 1, 1])
-    got = evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=4000, seed=0)
+    got = metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=4000, seed=0)
     assert got == pytest.approx(0.75, abs=0.02)  # the standard error is 0.25 / sqrt(4000) = 0.004
-    assert got == evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=4000, seed=0)
+    assert got == metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=4000, seed=0)
 
 
 def test_one_shot_episodes_stay_within_a_group():
@@ -41,10 +41,10 @@ def test_one_shot_episodes_stay_within_a_group():
     groups = evaluate.concept_groups(labels)
     np.testing.assert_array_equal(groups, list("xxxxyyyy"))
     # Within an alphabet the two classes are far apart: every episode is perfect.
-    assert evaluate.n_way_one_shot_accuracy(embeddings, labels, groups, n_way=2, episodes=50) == 1.0
+    assert metrics.n_way_one_shot_accuracy(embeddings, labels, groups, n_way=2, episodes=50) == 1.0
     # Without groups, 1 of the 6 class pairs is {A, C}; over its 4 support choices it scores
     # (1/2 + 0 + 0 + 1/2) / 4 = 1/4 (worked out by hand), the other 5 pairs score 1: 5.25 / 6.
-    ungrouped = evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=6000, seed=1)
+    ungrouped = metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=6000, seed=1)
     assert ungrouped == pytest.approx(5.25 / 6, abs=0.015)
     assert evaluate.max_n_way(labels, groups) == 2 and evaluate.max_n_way(labels) == 4
     assert evaluate.concept_groups(["0", "1"]) is None
@@ -53,11 +53,11 @@ def test_one_shot_episodes_stay_within_a_group():
 def test_one_shot_errors_say_what_is_possible():
     embeddings, labels = _unit([0, 1, 90, 91, 180]), ["a", "a", "b", "b", "c"]  # c has no query
     with pytest.raises(ValueError, match="n_way=3 is more than any group holds: at most 2"):
-        evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=3)
+        metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=3)
     with pytest.raises(ValueError, match="class 'b' has items in more than one group"):
-        evaluate.n_way_one_shot_accuracy(embeddings, labels, ["x", "x", "x", "y", "y"], n_way=2)
+        metrics.n_way_one_shot_accuracy(embeddings, labels, ["x", "x", "x", "y", "y"], n_way=2)
     with pytest.raises(ValueError, match="n_way=1 must be >= 2"):
-        evaluate.n_way_one_shot_accuracy(embeddings, labels, n_way=1)
+        metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=1)
 
 
 def test_cli_on_an_embeddings_file(tmp_path, capsys):
@@ -70,15 +70,15 @@ def test_cli_on_an_embeddings_file(tmp_path, capsys):
              embeddings=_unit(angles).astype(np.float32), labels=np.asarray(labels))
     out = tmp_path / "metrics.json"
     assert evaluate.main(["--embeddings", str(path), "--out", str(out), "--episodes", "300"]) == 0
-    metrics = json.loads(out.read_text())
-    assert metrics["num_images"] == 7 and metrics["num_concepts"] == 3
-    assert metrics["recall@1"] == pytest.approx(6 / 7)
+    written = json.loads(out.read_text())
+    assert written["num_images"] == 7 and written["num_concepts"] == 3
+    assert written["recall@1"] == pytest.approx(6 / 7)
     # MAP@R: 0 and 10 (R=2) rank their a-neighbour first and a b second: 1/2 each; 100, 115 and the
     # c pair (R=1) score 1; 200 (R=2) ranks 115 and 100 first: 0.
-    assert metrics["map@r"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 0 + 1 + 1) / 7)
+    assert written["map@r"] == pytest.approx((0.5 + 0.5 + 1 + 1 + 0 + 1 + 1) / 7)
     # Only alphabet x has two classes, so the requested 20-way becomes 2-way within x.
-    assert metrics["one_shot_2way"] == evaluate.n_way_one_shot_accuracy(
-        _unit(angles), labels, evaluate.concept_groups(labels), n_way=2, episodes=300)
+    assert written["one_shot_2way"] == metrics.n_way_one_shot_accuracy(
+        _unit(angles), labels, metrics.concept_groups(labels), n_way=2, episodes=300)
     table = capsys.readouterr().out
     assert "recall@1" in table and "0.8571" in table and "one_shot_2way" in table
 

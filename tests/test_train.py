@@ -14,7 +14,7 @@ import pytest
 import jaxembed
 import tiny
 from jaxembed import data as data_lib
-from jaxembed import metrics, parallel, rundir, train
+from jaxembed import parallel, rundir, train
 from jaxembed.train import loop
 
 
