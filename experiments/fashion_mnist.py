@@ -91,6 +91,11 @@ SETTINGS = {
     # so 6 epochs (~52 min) fit the hour; the GPU row with the stride-1 stem (16x16) reached 0.939 in 7.
     "inception_bn_small_s2": ("inception_bn", ["--logreg", "0", "--label_smoothing", "0.1", "--stem", "small_s2",
                                                *BATCH_128_RECIPE], (6, None)),
+    # The same command with another seed (initialisation, batch order, augmentation, and which 5% of the
+    # training images are held out, so its holdout is not the other rows'): the first seed's test top-1
+    # was 0.924, close enough to the 0.92 asked to need a second.
+    "inception_bn_small_s2_seed_1": ("inception_bn", ["--logreg", "0", "--label_smoothing", "0.1", "--stem", "small_s2",
+                                                      *BATCH_128_RECIPE, "--seed", "1"], (6, None)),
     # ArcFace on the same recipe (no label smoothing: the margin already keeps logits from saturating).
     # resnet50 trained at ~70 images/s here until 3x3 convolutions on 2x2 and 1x1 maps became matrix
     # products (conv_forms.cpu_conv): ~140 in a 40-step probe. 5 epochs ran at 155 images/s in 35.6 min
