@@ -38,7 +38,7 @@ def test_one_shot_episodes_stay_within_a_group():
     # Alphabet x: A at 0/2 degrees, B at 90/92. Alphabet y: C at 1/3 (interleaved with A), D at 180/182.
     embeddings = _unit([0, 2, 90, 92, 1, 3, 180, 182])
     labels = np.array(["x/A", "x/A", "x/B", "x/B", "y/C", "y/C", "y/D", "y/D"])
-    groups = evaluate.concept_groups(labels)
+    groups = metrics.concept_groups(labels)
     np.testing.assert_array_equal(groups, list("xxxxyyyy"))
     # Within an alphabet the two classes are far apart: every episode is perfect.
     assert metrics.n_way_one_shot_accuracy(embeddings, labels, groups, n_way=2, episodes=50) == 1.0
@@ -46,8 +46,8 @@ def test_one_shot_episodes_stay_within_a_group():
     # (1/2 + 0 + 0 + 1/2) / 4 = 1/4 (worked out by hand), the other 5 pairs score 1: 5.25 / 6.
     ungrouped = metrics.n_way_one_shot_accuracy(embeddings, labels, n_way=2, episodes=6000, seed=1)
     assert ungrouped == pytest.approx(5.25 / 6, abs=0.015)
-    assert evaluate.max_n_way(labels, groups) == 2 and evaluate.max_n_way(labels) == 4
-    assert evaluate.concept_groups(["0", "1"]) is None
+    assert metrics.max_n_way(labels, groups) == 2 and metrics.max_n_way(labels) == 4
+    assert metrics.concept_groups(["0", "1"]) is None
 
 
 def test_one_shot_errors_say_what_is_possible():
