@@ -44,14 +44,15 @@ def run_tool(prog: str, work: Callable[[], None]) -> int:
 
 
 # `jaxembed.load`'s keywords (and the tools' flags) that choose how a run's embedding is read: a classifier's
-# from another block or pooling, and a learned whitening fitted on the run's embeddings.
-EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling", "whitening")
+# from another block or pooling, a learned whitening fitted on the run's embeddings, and the average with
+# each image's mirror image.
+EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling", "whitening", "flip_average")
 
 
 def add_embedding_arguments(parser: argparse.ArgumentParser, *, whitening: bool = True) -> None:
     """`--embedding_layer`, `--embedding_pooling` (a classifier run's embedding read from another block or
-    pooling than it was trained with; they change no parameter) and, with `whitening`, `--whitening FILE`:
-    `jaxembed.load`'s keywords of the same names."""
+    pooling than it was trained with; they change no parameter), with `whitening` `--whitening FILE`, and
+    `--flip_average`: `jaxembed.load`'s keywords of the same names."""
     group = parser.add_argument_group("embedding (unset: the run's own)")
     group.add_argument("--embedding_layer", help="classifier runs: the backbone block whose output map, pooled, is "
                                                  "the embedding, e.g. inception_4c or stage3_block5 (the last block "
@@ -61,6 +62,11 @@ def add_embedding_arguments(parser: argparse.ArgumentParser, *, whitening: bool 
     if whitening:
         group.add_argument("--whitening", help="a learned whitening `python -m jaxembed.whitening` fitted on this "
                                                "run's embeddings (with the same block and pooling): project by it")
+    # default None, not False: only a given flag is a setting (and is recorded, e.g. in an index).
+    group.add_argument("--flip_average", action="store_true", default=None,
+                       help="average each image's embedding (and logits) with its mirror image's: for subjects "
+                            "whose mirror image is the same concept (photos, products; not characters), twice the "
+                            "compute")
 
 
 def embedding_arguments(args: argparse.Namespace) -> dict[str, str]:

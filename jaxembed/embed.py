@@ -7,6 +7,7 @@
     python -m jaxembed.embed --workdir DIR --images FOLDER --out FILE.npz
         [--embedding_layer inception_4c --embedding_pooling gem]   # a classifier run read from another block
         [--whitening WORKDIR/whitening.npz]                        # projected by a learned whitening
+        [--flip_average]                                           # averaged with the mirror image's
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
-from jaxembed import cli, fileio, parallel, rundir, tasks, templates
+from jaxembed import cli, fileio, losses, parallel, rundir, tasks, templates
 from jaxembed import whitening as whitening_lib
 
 log = logging.getLogger("jaxembed.embed")
@@ -45,6 +46,7 @@ class Embedder:
       apply_fn: `(variables, images) -> outputs dict` (`embedding`, and `logits` for classifiers).
       step: the checkpoint step the variables come from.
       whitening: the learned whitening applied to the embeddings (`jaxembed.whitening`), or None.
+      flip_average: whether each image's outputs are averaged with its mirror image's (`flip_averaged`).
     """
 
     embed_fn: Callable[[Any, jax.Array], jax.Array]
@@ -54,6 +56,7 @@ class Embedder:
     apply_fn: Callable[[Any, jax.Array], dict]
     step: int | None = None
     whitening: whitening_lib.Whitening | None = None
+    flip_average: bool = False
     batch_size: int = 64
 
     @property
@@ -100,6 +103,9 @@ class Embedder:
 # The settings that choose a classifier's embedding without changing its parameters (`models.taps`);
 # spelled in `cli`, which the command-line tools import without the model code.
 EMBEDDING_SETTINGS = cli.EMBEDDING_SETTINGS
+# Those that no run has of its own (applied to a model's outputs, not read from its config), with the
+# value that applies nothing.
+APPLIED_TO_OUTPUTS = {"whitening": None, "flip_average": False}
 
 
 def embedding_dim(embed_fn: Callable, variables, image_size: int) -> int:
@@ -110,13 +116,28 @@ def embedding_dim(embed_fn: Callable, variables, image_size: int) -> int:
 
 def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> dict[str, Any]:
     """The settings of `embedding` that differ from the run's own (`config`): those that change its embedding
-    (`whitening`, which no run has of its own, whenever it is given)."""
-    return {name: value for name, value in embedding.items() if getattr(config, name, None) != value}
+    (`whitening` and `flip_average`, which no run has of its own, whenever they apply something)."""
+    return {name: value for name, value in embedding.items()
+            if value != APPLIED_TO_OUTPUTS.get(name, getattr(config, name, None))}
 
 
 def embedding_of(config: templates.Config) -> dict[str, Any]:
     """The embedding settings `config` reads its embedding with (`embedding_layer` None: the last block)."""
-    return {name: getattr(config, name) for name in EMBEDDING_SETTINGS if name != "whitening"}
+    return {name: getattr(config, name) for name in EMBEDDING_SETTINGS if name not in APPLIED_TO_OUTPUTS}
+
+
+def flip_averaged(apply_fn: Callable[[jax.Array], dict], images: jax.Array) -> dict:
+    """`apply_fn`'s outputs for `images` (B, H, W, C) averaged with those for their mirror images (the width
+    reversed), from one call on the 2B images; the averaged embedding is scaled back to unit length.
+
+    Test-time flip averaging, as ArcFace's face verification does it: a model trained with random flips
+    (`--flip`) sees an image and its mirror as the same concept, and their average embedding is steadier
+    than either. The unit embeddings are averaged, not the features before normalisation, so both views
+    weigh the same. Wrong for subjects whose mirror image is another concept (digits, letters)."""
+    count = images.shape[0]
+    both = apply_fn(jnp.concatenate([images, images[:, :, ::-1]]))
+    averaged = {name: (value[:count] + value[count:]) / 2 for name, value in both.items()}
+    return {**averaged, "embedding": losses.l2_normalize(averaged["embedding"])}
 
 
 def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder:
@@ -125,13 +146,16 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
     `embedding`: `embedding_layer=` and/or `embedding_pooling=` to embed from another block than the
     run was trained with (they change no parameter, so any finished classifier run can be read so); a
     setting equal to the run's own changes nothing. `whitening=` a file `python -m jaxembed.whitening`
-    fitted on this run's embeddings (same checkpoint, block and pooling): the embeddings are projected by it.
+    fitted on this run's embeddings (same checkpoint, block, pooling and flip_average): the embeddings are
+    projected by it. `flip_average=True`: each image's outputs (embedding, logits) are averaged with its
+    mirror image's (`flip_averaged`), at twice the compute.
     Reads the run through `jaxembed.rundir.RunDir` without locking it: safe while the run trains.
     """
     unknown = sorted(set(embedding) - set(EMBEDDING_SETTINGS))
     if unknown:
         raise TypeError(f"load() got {', '.join(unknown)}; it takes {', '.join(EMBEDDING_SETTINGS)}")
     whitening_path = embedding.pop("whitening", None)
+    flip_average = bool(embedding.pop("flip_average", False))
     run = rundir.RunDir(workdir)
     config, concepts = run.config(), run.concepts()
     embedding = embedding_changes(config, embedding)
@@ -146,10 +170,14 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
     whitening = None
     if whitening_path is not None:
         dim = embedding_dim(lambda v, x: model.apply(v, x, train=False)["embedding"], variables, config.image_size)
-        whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim, **embedding_of(config))
+        whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim, flip_average=flip_average,
+                                       **embedding_of(config))
 
     def outputs_fn(variables, images):
-        outputs = model.apply(variables, images, train=False)
+        def apply_fn(images):
+            return model.apply(variables, images, train=False)
+
+        outputs = flip_averaged(apply_fn, images) if flip_average else apply_fn(images)
         return outputs if whitening is None else {**outputs, "embedding": whitening(outputs["embedding"])}
 
     def embed_fn(variables, images):
@@ -157,7 +185,7 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
 
     # apply_fn is compiled once per Embedder and image batch shape; still usable inside the caller's jit.
     return Embedder(embed_fn=embed_fn, variables=variables, config=config, concepts=concepts,
-                    apply_fn=jax.jit(outputs_fn), step=step, whitening=whitening)
+                    apply_fn=jax.jit(outputs_fn), step=step, whitening=whitening, flip_average=flip_average)
 
 
 def matching_whitening(path: str, workdir: str, *, dim: int, **expected: Any) -> whitening_lib.Whitening:
@@ -174,8 +202,8 @@ def matching_whitening(path: str, workdir: str, *, dim: int, **expected: Any) ->
         differ.append(f"dimension {whitening.mean.shape[0]} (now {dim})")
     if differ:
         raise ValueError(f"{path} was fitted on other embeddings than {workdir} gives: {'; '.join(differ)}; fit it "
-                         f"again: python -m jaxembed.whitening --workdir {workdir}, with the same --embedding_layer and "
-                         f"--embedding_pooling")
+                         f"again: python -m jaxembed.whitening --workdir {workdir}, with the same --embedding_layer, "
+                         f"--embedding_pooling and --flip_average")
     return whitening
 
 

@@ -97,6 +97,7 @@ def export_embedder(embedder, path: str, *, batch_size: int | None = None,
         "jax_version": jax.__version__,
         "concepts": list(embedder.concepts),
         "config": embedder.config.to_dict(),
+        "flip_average": embedder.flip_average,  # each call then runs the model on twice the images
         "leaves": [{"path": names[i], "shape": list(specs[i].shape), "dtype": str(specs[i].dtype)} for i in kept],
         "left_out": [names[i] for i in range(len(specs)) if i not in set(kept)],
     }

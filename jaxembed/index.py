@@ -9,8 +9,8 @@
 An index directory holds:
 
 - `meta.json`: the format, the run that made the vectors (absolute workdir, checkpoint step, embedding
-  dimension, and `--embedding_layer`/`--embedding_pooling`/`--whitening` where given), the chunks in order, and every
-  file that could not be read, with the reason;
+  dimension, and `--embedding_layer`/`--embedding_pooling`/`--whitening`/`--flip_average` where given), the
+  chunks in order, and every file that could not be read, with the reason;
 - `chunk-NNNNN.npy`: float32 `(n, D)` unit vectors, and `chunk-NNNNN.json`: their `paths` and `labels`
   (the primary concept: the concept folder or the manifest's first concept; null for images directly in
   the folder given).
@@ -49,7 +49,8 @@ DEFAULT_CHUNK_SIZE = 4096  # vectors per chunk file: the most a crash can cost t
 class RunId:
     """Which model made an index's vectors: a run's absolute workdir, its checkpoint step, the dimension, and
     the embedding settings it was read with where they differ from the run's own (`jaxembed.load`'s
-    `embedding_layer=`, `embedding_pooling=`, `whitening=`; empty in an index written before they existed)."""
+    `embedding_layer=`, `embedding_pooling=`, `whitening=`, `flip_average=`; empty in an index written before they
+    existed)."""
 
     workdir: str
     step: int

@@ -55,7 +55,7 @@ class Whitening:
       mean: `(D,)`, the fitting embeddings' mean (float64 from `fit`, float32 once saved).
       projection: `(D, dims)`, likewise.
       fitted_on: how the fitted embeddings were made (checkpoint step, embedding_layer, embedding_pooling,
-        images, dims, shrinkage), checked by `jaxembed.load` against the embeddings it is applied to.
+        flip_average, images, dims, shrinkage), checked by `jaxembed.load` against the embeddings it is applied to.
     """
 
     mean: np.ndarray
@@ -126,7 +126,9 @@ def load(path: str) -> Whitening:
             if str(saved.get("format")) != FORMAT:
                 raise ValueError(f"{path}: not a whitening written by python -m jaxembed.whitening (format "
                                  f"{saved.get('format')!s}, expected {FORMAT})")
-            return Whitening(saved["mean"], saved["projection"], json.loads(str(saved["fitted_on"])))
+            # Files written before flip averaging existed were fitted without it.
+            fitted_on = {"flip_average": False, **json.loads(str(saved["fitted_on"]))}
+            return Whitening(saved["mean"], saved["projection"], fitted_on)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such whitening file (write one with python -m jaxembed.whitening)") from None
     except (OSError, KeyError, EOFError) as error:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         whitening = fit(outputs["embedding"], concepts, dims=args.dims, shrinkage=args.shrinkage,
                         step=embedder.step, workdir=os.path.abspath(args.workdir),
                         images_source=os.path.abspath(args.images) if args.images else "the run's training images",
-                        **embed.embedding_of(embedder.config))
+                        flip_average=embedder.flip_average, **embed.embedding_of(embedder.config))
         save(whitening, out)
         print(f"wrote {out}: {whitening.fitted_on['images']} images of {whitening.fitted_on['concepts']} concepts, "
               f"{whitening.projection.shape[0]} -> {whitening.fitted_on['dims']} dimensions")

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 import tiny
+import jaxembed
 from jaxembed import cluster, fileio, gallery, index, search, topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,6 +345,23 @@ def test_an_index_made_with_a_whitening_records_its_path_and_search_projects_que
     results = search.search_images(search.Index.load(out), sevens, 1)
     assert [r["query"] for r in results] == list(stored.paths)
     assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+
+
+def test_an_index_made_with_flip_averaging_records_it_and_search_averages_queries_too(indexed, capsys):
+    out, sevens = str(indexed["base"] / "flip_averaged"), os.path.join(indexed["images"], "7")
+    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+                       "--flip_average"]) == 0
+    capsys.readouterr()
+    stored = index.read_index(out)
+    assert stored.meta["run"]["embedding"] == {"flip_average": True}
+    # Each query, embedded again flip-averaged, finds its own vector (float32 rounding, as above); a digit's
+    # mirror image is another shape, so the run's plain embedding of it would not.
+    results = search.search_images(search.Index.load(out), sevens, 1)
+    assert [r["query"] for r in results] == list(stored.paths)
+    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+    plain = jaxembed.load(indexed["workdir"])
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in stored.paths]
+    assert np.min(np.sum(plain(images) * stored.vectors, axis=1)) < 1 - 1e-3
 
 
 def test_search_command_prints_json_and_writes_the_page(indexed, capsys):
