@@ -7,7 +7,7 @@
 Each RUN is scored with and without flip averaging on its own held-out images (the part of its training
 data the trainer held out: the split to decide by) and, with --test, on a folder of test images, with
 `fashion_mnist.scores`: classifier top-1 (ArcFace: nearest centre), leave-one-out Recall@1 and MAP@R, and
-10-way one-shot. Writes experiments/results/flip_average.{json,md} (--out to change).
+10-way one-shot. Writes experiments/results/flip_average.{json,md} (--out to change), with the command.
 """
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="finished training workdirs")
     parser.add_argument("--test", help="a folder of test images (concept sub-folders) to score as well")
-    parser.add_argument("--out", default=os.path.join(runner.REPO, "experiments", "results", "flip_average"),
-                        help="writes OUT.json and OUT.md")
+    parser.add_argument("--out", default=None, help="writes OUT.json and OUT.md (default: "
+                                                    "experiments/results/flip_average)")
     args = parser.parse_args(argv)
     runner.refuse_unfinished(parser, args.runs)
-    command = " ".join(["python experiments/flip_average.py", *args.runs, *(["--test", args.test] if args.test else [])])
+    command = " ".join(["python experiments/flip_average.py", *args.runs, *(["--test", args.test] if args.test else []),
+                        *(["--out", args.out] if args.out else [])])
+    out = args.out or os.path.join(runner.REPO, "experiments", "results", "flip_average")
 
     from jaxembed import data as data_lib
     from jaxembed import rundir
@@ -61,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                    "flip_averaged": score(workdir, images, flip_average=True)}
             print(markdown([row], command).splitlines()[-1], flush=True)
             rows.append(row)
-    runner.write_results(args.out, {"command": command, "rows": rows}, markdown(rows, command))
-    print(f"wrote {args.out}.md")
+    runner.write_results(out, {"command": command, "rows": rows}, markdown(rows, command))
+    print(f"wrote {out}.md")
     return 0
 
 
