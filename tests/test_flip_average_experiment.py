@@ -13,7 +13,7 @@ def script():
     return experiment_script.load("flip_average")
 
 
-@pytest.mark.parametrize("name", ["flip_average", "flip_average_digits"])
+@pytest.mark.parametrize("name", ["flip_average", "flip_average_digits", "flip_average_arcface"])
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     results = experiment_script.EXPERIMENTS / "results" / name
     result = json.loads(results.with_suffix(".json").read_text())
