@@ -69,7 +69,7 @@ def add_embedding_arguments(parser: argparse.ArgumentParser, *, whitening: bool 
                             "compute")
 
 
-def embedding_arguments(args: argparse.Namespace) -> dict[str, str]:
+def embedding_arguments(args: argparse.Namespace) -> dict[str, str | bool]:
     """The options of `add_embedding_arguments` that were given, as `jaxembed.load` keywords (a whitening file
     by its absolute path, so an index that records it finds it from any directory)."""
     given = {name: getattr(args, name) for name in EMBEDDING_SETTINGS if getattr(args, name, None) is not None}

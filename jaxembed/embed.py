@@ -121,9 +121,11 @@ def embedding_changes(config: templates.Config, embedding: dict[str, Any]) -> di
             if value != APPLIED_TO_OUTPUTS.get(name, getattr(config, name, None))}
 
 
-def embedding_of(config: templates.Config) -> dict[str, Any]:
-    """The embedding settings `config` reads its embedding with (`embedding_layer` None: the last block)."""
-    return {name: getattr(config, name) for name in EMBEDDING_SETTINGS if name not in APPLIED_TO_OUTPUTS}
+def embedding_of(config: templates.Config, *, flip_average: bool) -> dict[str, Any]:
+    """How embeddings read with `config` and `flip_average` are made, as a whitening records and `load` checks
+    it: the config's embedding settings (`embedding_layer` None: the last block) and `flip_average`."""
+    return {**{name: getattr(config, name) for name in EMBEDDING_SETTINGS if name not in APPLIED_TO_OUTPUTS},
+            "flip_average": flip_average}
 
 
 def flip_averaged(apply_fn: Callable[[jax.Array], dict], images: jax.Array) -> dict:
@@ -155,7 +157,9 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
     if unknown:
         raise TypeError(f"load() got {', '.join(unknown)}; it takes {', '.join(EMBEDDING_SETTINGS)}")
     whitening_path = embedding.pop("whitening", None)
-    flip_average = bool(embedding.pop("flip_average", False))
+    flip_average = embedding.pop("flip_average", False)
+    if not isinstance(flip_average, bool):  # bool("false") would silently be True
+        raise TypeError(f"load() got flip_average={flip_average!r}; it takes True or False")
     run = rundir.RunDir(workdir)
     config, concepts = run.config(), run.concepts()
     embedding = embedding_changes(config, embedding)
@@ -170,8 +174,8 @@ def load(workdir: str, *, step: int | None = None, **embedding: Any) -> Embedder
     whitening = None
     if whitening_path is not None:
         dim = embedding_dim(lambda v, x: model.apply(v, x, train=False)["embedding"], variables, config.image_size)
-        whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim, flip_average=flip_average,
-                                       **embedding_of(config))
+        whitening = matching_whitening(whitening_path, workdir, step=step, dim=dim,
+                                       **embedding_of(config, flip_average=flip_average))
 
     def outputs_fn(variables, images):
         def apply_fn(images):

@@ -55,7 +55,7 @@ class RunId:
     workdir: str
     step: int
     dim: int
-    embedding: dict[str, str] = dataclasses.field(default_factory=dict)
+    embedding: dict[str, str | bool] = dataclasses.field(default_factory=dict)
 
     def describe(self) -> str:
         settings = "".join(f", {name}={value}" for name, value in sorted(self.embedding.items()))
@@ -144,7 +144,7 @@ def load_collection(spec: str):
 
 def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
                 chunk_size: int = DEFAULT_CHUNK_SIZE, progress: bool = True,
-                embedding: dict[str, str] | None = None) -> dict:
+                embedding: dict[str, str | bool] | None = None) -> dict:
     """Embeds the images of `images` not yet in the index `out` with the newest checkpoint of `workdir`.
 
     Args:

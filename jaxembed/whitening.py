@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         whitening = fit(outputs["embedding"], concepts, dims=args.dims, shrinkage=args.shrinkage,
                         step=embedder.step, workdir=os.path.abspath(args.workdir),
                         images_source=os.path.abspath(args.images) if args.images else "the run's training images",
-                        flip_average=embedder.flip_average, **embed.embedding_of(embedder.config))
+                        **embed.embedding_of(embedder.config, flip_average=embedder.flip_average))
         save(whitening, out)
         print(f"wrote {out}: {whitening.fitted_on['images']} images of {whitening.fitted_on['concepts']} concepts, "
               f"{whitening.projection.shape[0]} -> {whitening.fitted_on['dims']} dimensions")

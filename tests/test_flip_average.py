@@ -107,5 +107,7 @@ def test_false_is_the_run_s_own_embedding_and_is_not_recorded(tiny_run):
     config = jaxembed.load(tiny_run.workdir).config
     assert embed_lib.embedding_changes(config, {"flip_average": False}) == {}
     assert embed_lib.embedding_changes(config, {"flip_average": True}) == {"flip_average": True}
+    with pytest.raises(TypeError, match=r"load\(\) got flip_average='false'; it takes True or False"):
+        jaxembed.load(tiny_run.workdir, flip_average="false")
     _, run = index.load_run(tiny_run.workdir, flip_average=False)
     assert run.embedding == {}

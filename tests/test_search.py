@@ -293,6 +293,15 @@ def test_adding_skips_stored_files_and_refuses_another_run(indexed):
     assert index.read_meta(out)["count"] == 16
 
 
+def assert_each_query_finds_its_own_vector(out: str, folder: str, stored) -> None:
+    """Searching the index `out` for each image of `folder` (the images `stored` holds) finds that image's
+    own vector first: search embedded it as the index was. Two compiled batch shapes (8 and 64) leave
+    float32 rounding: a few ulps (1.2e-7) in a short dot product."""
+    results = search.search_images(search.Index.load(out), folder, 1)
+    assert [r["query"] for r in results] == list(stored.paths)
+    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+
+
 TAPPED = {"embedding_layer": "conv", "embedding_pooling": "gem"}  # the tiny backbone's block, 8 channels
 
 
@@ -305,11 +314,8 @@ def test_an_index_read_from_another_block_records_it_and_search_embeds_queries_t
     assert stored.meta["run"]["embedding"] == TAPPED
     assert stored.vectors.shape == (12, tiny.CHANNELS)  # the run's own embedding has tiny.FEATURES
     # Queries from the index: the search must embed them as the index was (the run's own embedding would
-    # not even match the dimension), so each finds a vector equal to its own up to float32 rounding of two
-    # compiled batch shapes (8 and 64): a few ulps (1.2e-7) in an 8-term dot product; 1 ulp was seen.
-    results = search.search_images(search.Index.load(out), sevens, 1)
-    assert [r["query"] for r in results] == list(stored.paths)
-    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+    # not even match the dimension); 1 ulp from its own vector was seen.
+    assert_each_query_finds_its_own_vector(out, sevens, stored)
 
     workdir = os.path.abspath(indexed["workdir"])
     both = (f"{out} holds vectors of run {workdir} at checkpoint step {tiny.NUM_STEPS} (dimension {tiny.CHANNELS}, "
@@ -342,9 +348,7 @@ def test_an_index_made_with_a_whitening_records_its_path_and_search_projects_que
     assert stored.vectors.shape == (12, 4)
     monkeypatch.chdir("/")
     # As above: each query, embedded again with the recorded whitening, finds its own vector (float32 rounding).
-    results = search.search_images(search.Index.load(out), sevens, 1)
-    assert [r["query"] for r in results] == list(stored.paths)
-    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+    assert_each_query_finds_its_own_vector(out, sevens, stored)
 
 
 def test_an_index_made_with_flip_averaging_records_it_and_search_averages_queries_too(indexed, capsys):
@@ -356,9 +360,7 @@ def test_an_index_made_with_flip_averaging_records_it_and_search_averages_querie
     assert stored.meta["run"]["embedding"] == {"flip_average": True}
     # Each query, embedded again flip-averaged, finds its own vector (float32 rounding, as above); a digit's
     # mirror image is another shape, so the run's plain embedding of it would not.
-    results = search.search_images(search.Index.load(out), sevens, 1)
-    assert [r["query"] for r in results] == list(stored.paths)
-    assert min(r["results"][0]["score"] for r in results) > 1 - 1e-6
+    assert_each_query_finds_its_own_vector(out, sevens, stored)
     plain = jaxembed.load(indexed["workdir"])
     images = [np.asarray(Image.open(path).convert("RGB")) for path in stored.paths]
     assert np.min(np.sum(plain(images) * stored.vectors, axis=1)) < 1 - 1e-3
