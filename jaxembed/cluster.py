@@ -6,7 +6,8 @@ Writes to the output directory (default `INDEX/clusters-K`, one writer at a time
 
 - `clusters.csv`: `path,label,cluster,similarity` per image (similarity: cosine to its cluster's centre);
 - `clusters.json`: k, the sizes, and per cluster its most common labels and purity (share of the most
-  common label) when the index has labels;
+  common label) when the index has labels; then also `scores`, how well the clusters recover the
+  labels (`jaxembed.metrics.clustering_metrics`: NMI, adjusted Rand index, purity) over the labelled images;
 - `cluster-NNN.png`: a contact sheet per cluster, its members nearest the centre first.
 
 Clustering is scikit-learn's k-means on the unit vectors (MiniBatchKMeans above `MINIBATCH_ABOVE`
@@ -25,7 +26,7 @@ import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio, gallery
+from jaxembed import cli, fileio, gallery, metrics
 from jaxembed.index import read_index
 
 MINIBATCH_ABOVE = 200_000
@@ -89,6 +90,10 @@ def cluster_index(index_dir: str, k: int, *, out: str | None = None, seed: int =
         fileio.write_bytes(os.path.join(out, "clusters.csv"), table.getvalue().encode())
         summary = {"index": os.path.abspath(index_dir), "k": k, "seed": seed,
                    "clusters": describe_clusters(assignment, stored.labels, k)}
+        labelled = [i for i, label in enumerate(stored.labels) if label is not None]
+        if labelled:
+            summary["scores"] = {"num_labelled": len(labelled), **metrics.clustering_metrics(
+                assignment[labelled], [stored.labels[i] for i in labelled])}
         fileio.write_json(os.path.join(out, "clusters.json"), summary)
         for cluster in range(k):
             members = np.flatnonzero(assignment == cluster)
@@ -112,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         summary = cluster_index(args.index, args.k, out=args.out, seed=args.seed, sheet_size=args.sheet_size)
         print(json.dumps({key: summary[key] for key in ("out", "k")} | {
-            "sizes": [c["size"] for c in summary["clusters"]]}))
+            "sizes": [c["size"] for c in summary["clusters"]]} | {
+            key: summary[key] for key in ("scores",) if key in summary}))
 
     return cli.run_tool(parser.prog, work)
 

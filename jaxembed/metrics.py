@@ -1,4 +1,4 @@
-"""Retrieval, few-shot and classification metrics on embeddings, logits and labels (NumPy, host side).
+"""Retrieval, few-shot, classification and clustering metrics on embeddings, logits and labels (NumPy, host side).
 
 Retrieval metrics use leave-one-out search: each item queries all the others by cosine similarity
 (embeddings are unit vectors, so by dot product). N-way one-shot accuracy classifies items by their
@@ -228,6 +228,36 @@ def concept_groups(concepts) -> np.ndarray | None:
     if not concepts or not all("/" in name for name in concepts):
         return None
     return np.asarray([name.split("/", 1)[0] for name in concepts])
+
+
+# ----------------------------------------------------------------------------- clustering
+
+
+def clustering_metrics(assignment: np.ndarray, labels) -> dict[str, float]:
+    """How well a clustering (k-means of the embeddings, `jaxembed.cluster`) recovers the concepts.
+
+    Args:
+      assignment: `(n,)` each item's cluster id.
+      labels: `(n,)` each item's concept (any hashable values).
+
+    Returns:
+      `nmi`: mutual information of clusters and concepts over the mean of their two entropies (the
+      normalisation metric-learning papers report, e.g. Song et al. 2016; scikit-learn's default);
+      `adjusted_rand`: the Rand index corrected for chance (0 for a random clustering, 1 for the concepts);
+      `purity`: the share of items whose cluster's most common concept is their own.
+    """
+    from sklearn import metrics as sk_metrics
+
+    assignment, labels = np.asarray(assignment).reshape(-1), np.asarray(labels).reshape(-1)
+    if len(assignment) != len(labels) or not len(labels):
+        raise ValueError(f"{len(assignment)} cluster ids for {len(labels)} labels: need one per item, and some")
+    class_ids = np.unique(labels, return_inverse=True)[1].reshape(-1)
+    cluster_ids = np.unique(assignment, return_inverse=True)[1].reshape(-1)
+    counts = np.zeros((cluster_ids.max() + 1, class_ids.max() + 1), np.int64)
+    np.add.at(counts, (cluster_ids, class_ids), 1)
+    return {"nmi": float(sk_metrics.normalized_mutual_info_score(class_ids, cluster_ids)),
+            "adjusted_rand": float(sk_metrics.adjusted_rand_score(class_ids, cluster_ids)),
+            "purity": float(counts.max(axis=1).sum() / len(labels))}
 
 
 # ----------------------------------------------------------------------------- the raw-pixel baseline

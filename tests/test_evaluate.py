@@ -47,6 +47,26 @@ def test_mean_average_precision_hand_computed():
     assert metrics.mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2)
 
 
+def test_clustering_metrics_hand_computed():
+    # concepts a a b b, clusters 0 0 0 1: p(a, 0) = 1/2, p(b, 0) = 1/4, p(b, 1) = 1/4; p(a) = p(b) = 1/2,
+    # p(0) = 3/4, p(1) = 1/4. I = sum p(y, c) log(p(y, c) / (p(y) p(c))); NMI = I / mean(H(concepts), H(clusters)).
+    mutual = 0.5 * np.log(4 / 3) + 0.25 * np.log(2 / 3) + 0.25 * np.log(2)
+    entropies = np.log(2), -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    # Pairs in one cluster and one concept: 1 (the two a's); pairs in one concept: 2, in one cluster: 3, of 6:
+    # expected 2 * 3 / 6 = 1, so the adjusted Rand index is (1 - 1) / ((2 + 3) / 2 - 1) = 0.
+    got = metrics.clustering_metrics(np.array([0, 0, 0, 1]), np.array(["a", "a", "b", "b"]))
+    assert got == pytest.approx({"nmi": mutual / np.mean(entropies), "adjusted_rand": 0.0, "purity": 3 / 4}, abs=1e-12)
+    # concepts a a a b b b, clusters 0 0 1 1 2 2: I = (2/3) log 2, H = log 2 and log 3; pairs: 2 joint,
+    # 6 within concepts, 3 within clusters, of 15: ARI = (2 - 6 * 3 / 15) / ((6 + 3) / 2 - 6 * 3 / 15).
+    got = metrics.clustering_metrics([7, 7, 3, 3, 9, 9], ["a", "a", "a", "b", "b", "b"])  # any cluster ids
+    assert got == pytest.approx({"nmi": (2 / 3) * np.log(2) / ((np.log(2) + np.log(3)) / 2),
+                                 "adjusted_rand": (2 - 1.2) / (4.5 - 1.2), "purity": 5 / 6}, abs=1e-12)
+    assert metrics.clustering_metrics([5, 5, 2, 2], ["x", "x", "y", "y"]) == {"nmi": 1.0, "adjusted_rand": 1.0,
+                                                                            "purity": 1.0}
+    with pytest.raises(ValueError, match="3 cluster ids for 4 labels"):
+        metrics.clustering_metrics([0, 0, 1], ["a", "a", "b", "b"])
+
+
 def test_blocked_search_equals_brute_force(monkeypatch):
     rng = np.random.default_rng(0)
     embeddings = rng.normal(size=(300, 8)).astype(np.float32)

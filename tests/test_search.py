@@ -12,6 +12,7 @@ skipped without it.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from PIL import Image
 
 import tiny
 import jaxembed
-from jaxembed import cluster, fileio, gallery, index, search, topk
+from jaxembed import cluster, fileio, gallery, index, metrics, search, topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -419,6 +420,11 @@ def test_cluster_command_writes_assignments_and_contact_sheets(indexed, capsys):
     assert cluster.main(["--index", indexed["index"], "-k", "4", "--out", out]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["k"] == 4 and sum(summary["sizes"]) == 120
+    # The printed scores are the clusters.csv assignment's, scored against the indexed labels.
+    with open(os.path.join(out, "clusters.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert summary["scores"] == {"num_labelled": 120, **metrics.clustering_metrics(
+        [int(row["cluster"]) for row in rows], [row["label"] for row in rows])}
     with open(os.path.join(out, "clusters.csv")) as f:
         assert len(f.read().splitlines()) == 121
     for cluster_id in range(4):
