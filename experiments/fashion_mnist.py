@@ -97,7 +97,7 @@ SETTINGS = {
     # was 0.924, close enough to the 0.92 asked to need a second.
     "inception_bn_small_s2_seed_1": ("inception_bn", [*INCEPTION_BN_SMALL_S2, "--seed", "1"], (6, None)),
     # A third seed: two runs at 0.924 and 0.925 sit 0.004-0.005 above the 0.92 asked, about the spread one
-    # seed moves a run by, so one more says whether the mean holds.
+    # seed moves a run by, so one more says whether the mean holds: 0.927 (holdout 0.930; mean of three 0.925).
     "inception_bn_small_s2_seed_2": ("inception_bn", [*INCEPTION_BN_SMALL_S2, "--seed", "2"], (6, None)),
     # ArcFace on the same recipe (no label smoothing: the margin already keeps logits from saturating).
     # resnet50 trained at ~70 images/s here until 3x3 convolutions on 2x2 and 1x1 maps became matrix
