@@ -1,6 +1,7 @@
 """Import a script of experiments/ (not a package) as a module, for tests of its helpers."""
 
 import importlib.util
+import json
 import pathlib
 import sys
 from types import ModuleType
@@ -21,3 +22,10 @@ def load(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # as an import does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def committed_result(name: str) -> tuple:
+    """`(parsed JSON, markdown text)` of experiments/results/<name>.{json,md}, the pair an experiment
+    writes (names may hold dots: omniglot_embeddings_..._0.0004)."""
+    results = EXPERIMENTS / "results"
+    return json.loads((results / f"{name}.json").read_text()), (results / f"{name}.md").read_text()

@@ -46,9 +46,8 @@ def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, cap
 @pytest.mark.parametrize("name", sorted(path.name.removesuffix(".json") for path in
                                          (experiment_script.EXPERIMENTS / "results").glob("omniglot_embeddings*.json")))
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
-    results = experiment_script.EXPERIMENTS / "results" / name
-    result = json.loads(results.with_name(f"{name}.json").read_text())
-    assert script.markdown(result) == results.with_name(f"{name}.md").read_text()
+    result, table = experiment_script.committed_result(name)
+    assert script.markdown(result) == table
     candidates = result["validation"]["candidates"]
     best = max(candidates, key=lambda row: row["map@r"])
     assert result["validation"]["chosen"] == {"embedding_layer": best["embedding_layer"],

@@ -2,7 +2,6 @@
 (float64, so the bounds are rounding, ~1e-13), and its committed table (no training here). The learned
 whitening it scores is jaxembed.whitening's (tests/test_whitening.py)."""
 
-import json
 
 import numpy as np
 import pytest
@@ -31,9 +30,8 @@ def test_a_run_that_did_not_finish_is_refused_by_name(script, tmp_path, capsys):
 
 
 def test_the_committed_table_is_what_the_committed_json_gives(script):
-    results = experiment_script.EXPERIMENTS / "results" / "omniglot_whitening"
-    result = json.loads(results.with_suffix(".json").read_text())
-    assert script.markdown(result) == results.with_suffix(".md").read_text()
+    result, table = experiment_script.committed_result("omniglot_whitening")
+    assert script.markdown(result) == table
     unprojected = [row for row in result["rows"] if row["projection"] == "none"]
     assert len(unprojected) == len({row["run"] for row in result["rows"]}) >= 1
     # The choice is the table's best, and what `python -m jaxembed.whitening` and `whitening.fit` default to.
