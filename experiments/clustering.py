@@ -49,8 +49,8 @@ def image_sets(spec: str, workdirs: list[str]):
     from jaxembed import rundir
 
     if spec == "holdout":
-        return {workdir: ("holdout", rundir.RunDir(workdir).heldout(rundir.RunDir(workdir).data()))
-                for workdir in workdirs}
+        runs = {workdir: rundir.RunDir(workdir) for workdir in workdirs}
+        return {workdir: ("holdout", run.heldout(run.data())) for workdir, run in runs.items()}
     if spec == "omniglot":
         import omniglot  # experiments/omniglot.py: extracts the shared zips on first use, as it does
 
