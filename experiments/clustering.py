@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 
 import numpy as np
@@ -96,16 +97,26 @@ def main(argv: list[str] | None = None) -> int:
 
     from jaxembed import metrics
 
-    rows = []
-    for workdir, (label, images) in image_sets(args.images, args.runs).items():
+    try:
+        sets = image_sets(args.images, args.runs)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(f"--images {args.images}: {error}")
+    rows, pixel_scores = [], {}  # pixel scores by (images, image size, embedded items): runs often share them
+    for workdir, (label, images) in sets.items():
         whitening = os.path.join(workdir, "whitening.npz")
+        if args.whitening and not os.path.exists(whitening):
+            print(f"{workdir}: no whitening.npz, so no whitened row (python -m jaxembed.whitening --workdir "
+                  f"{workdir} writes one)", file=sys.stderr, flush=True)
         for whiten in (False, True) if args.whitening and os.path.exists(whitening) else (False,):
             embedder, outputs = runner.embed(workdir, images, **({"whitening": whitening} if whiten else {}))
             names = runner.concept_names(images, outputs["index"])
-            pixels = metrics.pixel_vectors(runner.eval_pixels(images, embedder.image_size)[outputs["index"]])
+            key = (id(images), embedder.image_size, tuple(outputs["index"]))
+            if key not in pixel_scores:
+                pixels = runner.eval_pixels(images, embedder.image_size)[outputs["index"]]
+                pixel_scores[key] = clustering_scores(metrics.pixel_vectors(pixels), names, args.seeds)
             rows.append({"run": workdir, "whitening": whiten, "images": label, "num_images": len(names),
                          "model": clustering_scores(outputs["embedding"], names, args.seeds),
-                         "pixels": clustering_scores(pixels, names, args.seeds)})
+                         "pixels": pixel_scores[key]})
             print(markdown(rows[-1:], command).splitlines()[-1], flush=True)
     runner.write_results(out, {"command": command, "rows": rows}, markdown(rows, command))
     print(f"wrote {out}.md")

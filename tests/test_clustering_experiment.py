@@ -50,9 +50,14 @@ def test_raw_pixels_of_concepts_apart_by_construction_cluster_into_them(script, 
     with pytest.raises(SystemExit):
         script.main([tiny_run.workdir, "--images", folder, "--seeds", "0"])
     assert "--seeds 0: needs at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main([tiny_run.workdir, "--images", str(tmp_path / "missing")])
+    assert f"--images {tmp_path / 'missing'}: data source" in capsys.readouterr().err
 
 
-def test_holdout_clusters_each_run_on_its_own_held_out_images(script, tiny_run, tmp_path):
-    assert script.main([tiny_run.workdir, "--images", "holdout", "--seeds", "1", "--out", str(tmp_path / "h")]) == 0
-    [row] = json.loads((tmp_path / "h.json").read_text())["rows"]
+def test_holdout_clusters_each_run_on_its_own_held_out_images(script, tiny_run, tmp_path, capsys):
+    assert script.main([tiny_run.workdir, "--images", "holdout", "--seeds", "1", "--whitening",
+                        "--out", str(tmp_path / "h")]) == 0
+    [row] = json.loads((tmp_path / "h.json").read_text())["rows"]  # the tiny run has no whitening.npz
     assert row["images"] == "holdout" and row["num_images"] == tiny_run.summary["eval/num_images"]
+    assert f"{tiny_run.workdir}: no whitening.npz, so no whitened row" in capsys.readouterr().err
