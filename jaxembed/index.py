@@ -103,11 +103,45 @@ def read_index(index_dir: str) -> StoredIndex:
     meta = read_meta(index_dir)
     if meta is None:
         raise FileNotFoundError(f"{index_dir} is not an index: it has no {META} (build one with python -m jaxembed.index)")
-    vectors = [np.zeros((0, meta["run"]["dim"]), np.float32)]
-    vectors += [np.load(os.path.join(index_dir, chunk + ".npy")) for chunk in meta["chunks"]]
-    records = [fileio.read_json(os.path.join(index_dir, chunk + ".json")) for chunk in meta["chunks"]]
+    dim = meta["run"]["dim"]
+    vectors = [np.zeros((0, dim), np.float32)]
+    records = []
+    for chunk in meta["chunks"]:
+        record = fileio.read_json(os.path.join(index_dir, chunk + ".json"))
+        vectors.append(read_chunk(index_dir, chunk, dim, len(record["paths"])))
+        records.append(record)
     return StoredIndex(np.concatenate(vectors), tuple(p for r in records for p in r["paths"]),
                        tuple(label for r in records for label in r["labels"]), meta)
+
+
+def read_chunk(index_dir: str, chunk: str, dim: int, count: int) -> np.ndarray:
+    """The float32 `(count, dim)` vectors of `index_dir/chunk.npy`, checked.
+
+    Raises:
+      ValueError: naming the index directory and the chunk file, when the file cannot be read as an array
+        (e.g. truncated), or holds another dtype, width or row count than the index records, or non-finite
+        values.
+    """
+    path = os.path.join(index_dir, chunk + ".npy")
+    problem = f"index {index_dir}: chunk file {path}"
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{problem} is missing (meta.json lists chunk {chunk})") from None
+    except (ValueError, OSError, EOFError) as error:  # numpy's words for a truncated or foreign file
+        raise ValueError(f"{problem} cannot be read (truncated or not a .npy array?): {error}") from None
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise ValueError(f"{problem} holds {vectors.dtype} shape {vectors.shape}; the index's vectors are "
+                         f"float32 (n, {dim}) (meta.json run dimension {dim})")
+    if len(vectors) != count:
+        raise ValueError(f"{problem} holds {len(vectors)} vectors but {chunk}.json lists {count} paths")
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(f"{problem} holds {len(rows)} vector(s) with NaN or infinite values (rows "
+                         f"{', '.join(map(str, rows[:5]))}{', ...' if len(rows) > 5 else ''}); "
+                         "re-index those images")
+    return vectors
 
 
 def stored_paths(index_dir: str, meta: dict) -> list[str]:
@@ -250,7 +284,12 @@ def _gather(parts, todo_images, labels, todo):
             else:
                 failed[name] = "could not be decoded when embedding"
     dim = parts[0][0].shape[1]
-    return np.asarray(vectors, np.float32).reshape(-1, dim), names, chunk_labels, failed
+    vectors = np.asarray(vectors, np.float32).reshape(-1, dim)
+    bad = [name for name, row in zip(names, vectors) if not np.isfinite(row).all()]
+    if bad:
+        raise ValueError(f"the model gave non-finite (NaN or infinite) embeddings for {len(bad)} image(s), "
+                         f"refusing to store them: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
+    return vectors, names, chunk_labels, failed
 
 
 def _write_chunk(out: str, meta: dict, vectors: np.ndarray, paths: list[str], labels: list[str | None],
