@@ -6,7 +6,9 @@
     scores, ids = index.search(query_vectors, k=10)        # (Q, D) float32 -> (Q, k) scores and row ids
     results = search_images(index, "query.jpg", k=10)      # what the command prints with --json
 
-Exact search runs on every device (`jaxembed.topk`): the index rows are split over a 1-D mesh. With
+Exact search on an accelerator, or on a mesh given, runs on every device (`jaxembed.topk.top_k`): the index
+rows are split over a 1-D mesh. On a CPU it runs on the host with NumPy's BLAS (`jaxembed.topk.host_top_k`),
+which is faster there than XLA's product (experiments/results/search_benchmark.md). With
 `approximate=True` it runs `lax.approx_max_k` on TPU, and a faiss HNSW graph elsewhere (built on first
 use, held by the `Index`; `pip install 'jaxembed[search]'`).
 """
@@ -60,15 +62,17 @@ class Index:
 
     def search(self, queries: np.ndarray, k: int, *, approximate: bool = False, recall_target: float = 0.95,
                mesh: jax.sharding.Mesh | None = None,
-               block_rows: int = topk.DEFAULT_BLOCK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+               block_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The `k` nearest rows (largest inner product) of each query.
 
         Args:
           queries: float32 `(Q, D)`.
           k: 1 <= k <= len(self).
           approximate: on TPU `lax.approx_max_k` at `recall_target`; elsewhere a faiss HNSW graph.
-          mesh: the 1-D mesh (axis "rows") to split the rows over; default every device.
-          block_rows: rows per matrix product on each device.
+          mesh: the 1-D mesh (axis "rows") to split the rows over; default every device, except on a CPU
+            backend, where exact search runs on the host (`topk.host_top_k`) unless a mesh is given.
+          block_rows: rows per matrix product (default `topk.DEFAULT_BLOCK_ROWS` on a mesh,
+            `topk.host_block_rows` on the host).
 
         Returns:
           `(scores float32 (Q, k), ids int64 (Q, k))`, scores decreasing, equal scores by increasing id.
@@ -78,7 +82,12 @@ class Index:
             graph = self._cached("hnsw", lambda: ann.build(self.vectors, "hnsw"))
             scores, ids = ann.search(graph, queries, k)
             return scores, ids.astype(np.int64)
+        if mesh is None and not approximate and jax.default_backend() == "cpu":
+            parts = [topk.host_top_k(self.vectors, queries[start:start + QUERY_BATCH], k, block_rows=block_rows)
+                     for start in range(0, len(queries), QUERY_BATCH)]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         mesh = mesh or topk.row_mesh()
+        block_rows = block_rows or topk.DEFAULT_BLOCK_ROWS
         rows = self._cached(("rows", mesh, block_rows), lambda: topk.place_rows(self.vectors, mesh, block_rows=block_rows))
         parts = [_search_batch(rows, queries[start:start + QUERY_BATCH], k, recall_target if approximate else None)
                  for start in range(0, len(queries), QUERY_BATCH)]
@@ -165,8 +174,11 @@ def search_images(index: Index, query: str, k: int, *, embedder=None, exclude_se
 
     Returns:
       Per query `{"query": path, "label": label or None, "results": [{"rank", "id", "path", "label",
-      "score"}, ...]}` (k results, best first). A query stored in the index takes its stored label.
+      "score"}, ...]}` (k results, best first; every indexed image when `k` is larger than the index). A query
+      stored in the index takes its stored label.
     """
+    if isinstance(k, (int, np.integer)) and k > len(index) > 0:
+        k = len(index)  # every indexed image (the command says so on stderr)
     index.checked_queries(np.zeros((0, index.dim), np.float32), k)  # an empty index or a bad k, before any work
     paths, labels = query_images(query)
     if embedder is None:
@@ -215,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work() -> None:
-        results = search_images(Index.load(args.index), args.query, args.k, exclude_self=args.exclude_self,
+        index = Index.load(args.index)
+        if args.k > len(index) > 0:
+            print(f"{parser.prog}: note: -k {args.k} is more than the {len(index)} indexed images: "
+                  f"returning all {len(index)}", file=sys.stderr)
+        results = search_images(index, args.query, args.k, exclude_self=args.exclude_self,
                                 approximate=args.approximate)
         if args.html:
             fileio.write_bytes(args.html, gallery.search_page(results).encode())

@@ -196,6 +196,128 @@ def _device_top_k(rows: jax.Array, queries: jax.Array, *, k: int, count: int, bl
     return scores[None], ids[None]
 
 
+# ----------------------------------------------------------------------------- the host (CPU) path
+
+# Rows per group whose largest score is compared with a query's threshold: a group only is looked at when its
+# maximum beats the query's current k-th score, so nearly all of the scores are read once, by one max.
+HOST_GROUP_ROWS = 16
+# Candidates gathered before they are merged into the running top-k (and the thresholds raised): at least
+# `Q * k`, so that the merges' sorts cost about as much as the candidates do.
+HOST_MERGE_CANDIDATES = 1 << 16
+# Bytes of the `(block, Q)` float32 score tile: small enough to stay in the last-level cache between the
+# matrix product that writes it and the group maxima that read it, large enough for an efficient product.
+HOST_TILE_BYTES = 8 << 20
+
+
+def host_block_rows(num_queries: int, k: int, tile_bytes: int = HOST_TILE_BYTES, group: int = HOST_GROUP_ROWS) -> int:
+    """Index rows per matrix product of `host_top_k`: a `(rows, num_queries)` float32 tile of about `tile_bytes`,
+    at least 1,024 rows (the product's efficiency) and `k` groups (a first threshold), a multiple of `group`."""
+    rows = max(1024, tile_bytes // (4 * max(num_queries, 1)), k * group)
+    return group * math.ceil(rows / group)
+
+
+def host_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, *, block_rows: int | None = None,
+               group: int = HOST_GROUP_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` on the host with NumPy: the same results, for a CPU, where the BLAS product beats XLA's.
+
+    The rows are scanned in blocks: one BLAS product `block @ queries.T` gives a `(block, Q)` score tile
+    (rows outermost, so that the maxima of `group` consecutive rows are elementwise maxima of contiguous
+    query vectors). Only the groups whose maximum beats the query's threshold (its k-th best score so far,
+    or, before it has k, the k-th largest group maximum of the first block) are read in full; their scores
+    above it are kept as candidates, and merged exactly with the running top-k (a stable sort on
+    `(query, -score, row)`) when they pile up and at the end, so that equal scores keep the lower row, as
+    `top_k` does. (A candidate must beat the threshold strictly: a later row with an equal score never wins.)
+
+    Args:
+      vectors: float32 `(N, D)` (e.g. memory-mapped); queries: float32 `(Q, D)`; 1 <= k <= N.
+      block_rows: rows per product (default `host_block_rows`), at least `k`, rounded up to a multiple of `group`.
+
+    Returns:
+      `(scores, ids)`: float32 `(Q, k)` in decreasing order and int64 `(Q, k)` row indices.
+    """
+    vectors, queries = np.asarray(vectors), np.asarray(queries, np.float32)
+    if vectors.ndim != 2 or queries.ndim != 2 or queries.shape[1] != vectors.shape[1]:
+        raise ValueError(f"need vectors (N, D) and queries (Q, D), got {vectors.shape} and {queries.shape}")
+    count, num_queries = len(vectors), len(queries)
+    if not 1 <= k <= count:
+        raise ValueError(f"k={k} must be between 1 and the number of indexed vectors ({count})")
+    block = group * math.ceil(max(block_rows or host_block_rows(num_queries, k, group=group), k) / group)
+    queries_t = queries.T  # a view: BLAS reads it transposed
+    tile = np.empty((min(block, count), num_queries), np.float32)
+    best = _Candidates.empty(num_queries)
+    pending: list[_Candidates] = [best]
+    pending_size, limit = 0, max(num_queries * k, HOST_MERGE_CANDIDATES)
+    threshold = np.full(num_queries, -np.inf, np.float32)
+    for start in range(0, count, block):
+        rows = np.asarray(vectors[start:start + block], np.float32)
+        scores = np.matmul(rows, queries_t, out=tile[:len(rows)])  # (b, Q)
+        whole = len(rows) // group * group
+        maxima = scores[:whole].reshape(-1, group, num_queries).max(axis=1)  # (groups, Q)
+        if whole < len(rows):
+            maxima = np.concatenate([maxima, scores[whole:].max(axis=0, keepdims=True)])
+        if start == 0:  # no threshold yet: every top-k score of this block is >= its k-th largest group maximum
+            first = (np.partition(maxima, len(maxima) - k, axis=0)[len(maxima) - k] if len(maxima) >= k
+                     else np.full(num_queries, -np.inf, np.float32))
+            hit_groups, hit_queries = _hits(maxima >= first)
+            floor, strict = first[hit_queries], False
+        else:
+            hit_groups, hit_queries = _hits(maxima > threshold)
+            floor, strict = threshold[hit_queries], True
+        if len(hit_groups):
+            row_ids = np.minimum(hit_groups[:, None] * group + np.arange(group), len(rows) - 1)  # (C, group)
+            found = scores[row_ids, hit_queries[:, None]]
+            keep = found > floor[:, None] if strict else found >= floor[:, None]
+            keep &= (hit_groups[:, None] * group + np.arange(group)) < len(rows)  # the last group may be short
+            pending.append(_Candidates(np.broadcast_to(hit_queries[:, None], keep.shape)[keep], found[keep],
+                                       start + row_ids[keep].astype(np.int64)))
+            pending_size += int(keep.sum())
+        if start == 0 or pending_size > limit:
+            best = _Candidates.concatenate(pending).top(k, num_queries)
+            pending, pending_size, threshold = [best], 0, best.scores.reshape(num_queries, k)[:, -1]
+    best = _Candidates.concatenate(pending).top(k, num_queries)
+    return best.scores.reshape(num_queries, k), best.ids.reshape(num_queries, k)
+
+
+def _hits(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`np.nonzero(mask)` of a `(groups, Q)` mask that is mostly False, reading only the groups with a hit."""
+    flat = mask.reshape(-1)
+    if flat.size % 8:
+        return np.nonzero(mask)
+    words = np.flatnonzero(flat.view(np.uint64))  # 8 entries at a time: most words are 0
+    positions = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    return np.divmod(positions[flat[positions]], mask.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Candidates:
+    """Flat candidate results: query number, score and row of each."""
+
+    queries: np.ndarray  # int (n,)
+    scores: np.ndarray  # float32 (n,)
+    ids: np.ndarray  # int64 (n,)
+
+    @classmethod
+    def empty(cls, num_queries: int) -> _Candidates:
+        return cls(np.zeros(0, np.intp), np.zeros(0, np.float32), np.zeros(0, np.int64))
+
+    @classmethod
+    def concatenate(cls, parts: list[_Candidates]) -> _Candidates:
+        return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("queries", "scores", "ids")))
+
+    def top(self, k: int, num_queries: int) -> _Candidates:
+        """The `k` best of each query (every query has at least `k`), by decreasing score then increasing row,
+        ordered by query."""
+        # One stable sort on (query, descending score) in a 64-bit key: the float's bits made to sort in
+        # decreasing order below the query number. Equal keys keep their order, which is increasing row: the
+        # running top-k (earlier rows) comes first, then the candidates in the order the blocks gave them.
+        bits = (self.scores + np.float32(0)).view(np.uint32).astype(np.uint64)  # + 0: -0.0 becomes 0.0
+        descending = np.where(bits >> 31, bits, bits ^ 0x7FFFFFFF)
+        order = np.argsort((self.queries.astype(np.uint64) << 32) | descending, kind="stable")
+        starts = np.searchsorted(self.queries[order], np.arange(num_queries))
+        taken = order[(starts[:, None] + np.arange(k)).ravel()]
+        return _Candidates(self.queries[taken], self.scores[taken], self.ids[taken])
+
+
 def _selector(k: int, recall_target: float | None):
     """`scores (Q, n) -> (values (Q, k), positions (Q, k))`: exact top-k, or approx_max_k."""
     if recall_target is None:
