@@ -10,7 +10,12 @@ import optax
 
 
 def steps_per_epoch(items_per_epoch: int, batch_size: int) -> int:
-    """Optimiser steps in one epoch: ceil(items_per_epoch / batch_size)."""
+    """Optimiser steps in one epoch of the schedule: ceil(items_per_epoch / batch_size).
+
+    Not the input pipeline's `jaxembed.data.batches_per_pass` (full batches in one pass over the data,
+    the remainder dropped): an epoch is `num_items_per_epoch` images, which need not be one pass. The
+    two agree when it is one pass of a whole number of global batches.
+    """
     if items_per_epoch < 1 or batch_size < 1:
         raise ValueError(f"need items_per_epoch >= 1 and batch_size >= 1, got {items_per_epoch=}, {batch_size=}")
     return math.ceil(items_per_epoch / batch_size)

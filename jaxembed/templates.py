@@ -301,7 +301,7 @@ RUN_OPTIONS = _hparams(
     HParam("min_crop_area", float, 0.25, 0.0, 1.0, None, "random-resized crops keep at least this fraction of the area"),
     HParam("crop", str, "resized", help="training crop: random-resized (area min_crop_area..1, aspect 3/4..4/3; "
            "photos, characters) or pad (shifts of up to crop_padding pixels at full scale; 28-32 px images such "
-           "as Fashion-MNIST or CIFAR)", choices=("resized", "pad")),  # data.transforms.CROPS (importing it loads TF)
+           "as Fashion-MNIST or CIFAR)", choices=("resized", "pad")),  # data.transforms.CROPS
     HParam("crop_padding", int, 4, 0, None, 1, "crop=pad: border pixels repeated on each side before the random crop"),
     HParam("random_erasing", float, 0.0, 0.0, 1.0, None, "chance that a random rectangle (2 to 33 percent of the image) of "
            "a training image is replaced by grey (Zhong et al. 2017; 0.25-0.5 against overfitting on long runs)"),
@@ -343,6 +343,9 @@ RUN_OPTIONS = _hparams(
     HParam("checkpoint_every", int, 200, 1, None, 1, "steps between checkpoints", same_run=False),
     HParam("keep_checkpoints", int, 3, 1, None, 1, "checkpoints kept", same_run=False),
     HParam("eval_batch_size", int, 64, 1, None, 1, "images per evaluation batch", same_run=False),
+    HParam("data_workers", int, None, 0, None, 1, "processes that decode and augment training images (0: threads "
+           "of the training process; unset: one per CPU core less one, at most 8); the batches are the same "
+           "for any number", same_run=False),
     HParam("max_steps", int, None, 1, None, 1, "stop (with a checkpoint) at this step; resume later", same_run=False),
     HParam("progress", bool, True, help="show a progress bar", same_run=False),
 )

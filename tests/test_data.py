@@ -1,15 +1,14 @@
-"""Tests for jaxembed.data: sources, bad files, splits, and the tf.data pipelines (CPU, small images)."""
+"""Tests for jaxembed.data: sources, bad files, splits, and the grain pipelines (CPU, small images)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
-import subprocess
-import sys
-import textwrap
+import signal
 import zipfile
 
 import numpy as np
@@ -19,7 +18,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from jaxembed.data import (
+    Augmentation,
+    DataWorkerDied,
     LabelledImages,
+    batches_per_pass,
     decode_image,
     eval_batches,
     load_label_map,
@@ -29,9 +31,9 @@ from jaxembed.data import (
     save_label_map,
     split_by_concepts,
     split_by_images,
-    steps_per_epoch,
     train_batches,
 )
+from jaxembed.data import pipeline
 
 # The shared datasets folder sits next to the repository; the images are never copied into it.
 OMNIGLOT_ZIP = os.path.join(
@@ -189,7 +191,7 @@ def test_train_batches_deterministic_and_reshuffled(omniglot):
         iterator = train_batches(omniglot, image_size=24, batch_size=30, seed=seed)
         return [next(iterator) for _ in range(count)]
 
-    steps = steps_per_epoch(len(omniglot), 30)
+    steps = batches_per_pass(len(omniglot), 30)
     run, rerun, other_seed = first_batches(0, steps + 1), first_batches(0, steps + 1), first_batches(1, 1)
     for a, b in zip(run, rerun):
         np.testing.assert_array_equal(a["image"], b["image"])
@@ -201,7 +203,7 @@ def test_train_batches_deterministic_and_reshuffled(omniglot):
 
 
 def test_train_batches_resume_matches_uninterrupted_run(omniglot):
-    steps = steps_per_epoch(len(omniglot), 16)
+    steps = batches_per_pass(len(omniglot), 16)
     uninterrupted = train_batches(omniglot, image_size=16, batch_size=16, seed=3)
     expected = [next(uninterrupted) for _ in range(steps + 2)][-2:]
     resumed = train_batches(omniglot, image_size=16, batch_size=16, seed=3, skip_batches=steps)
@@ -217,7 +219,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(omniglot):
         iterator = train_batches(
             omniglot, image_size=16, batch_size=batch_size, seed=0, process_index=process_index, process_count=2
         )
-        epoch = [next(iterator) for _ in range(steps_per_epoch(len(omniglot), batch_size, process_count=2))]
+        epoch = [next(iterator) for _ in range(batches_per_pass(len(omniglot), batch_size, process_count=2))]
         seen.append({int(i) for batch in epoch for i in batch["index"]})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(len(omniglot)))
@@ -520,7 +522,8 @@ def test_parse_tfds_spec():
         parse_tfds_spec("tfds:")
 
 
-def test_tfds_source_reads_a_prepared_dataset(tmp_path):
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])  # tfds.data_source; tf.data
+def test_tfds_source_reads_a_prepared_dataset(tmp_path, file_format):
     tfds = pytest.importorskip("tensorflow_datasets")
 
     class JaxembedTinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -542,7 +545,7 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
             for i in range(count):
                 yield i, {"image": np.full((8 + i, 10, 3), 40 * (i % 3), np.uint8), "label": i % 3}
 
-    JaxembedTinyShapes(data_dir=str(tmp_path)).download_and_prepare()
+    JaxembedTinyShapes(data_dir=str(tmp_path), file_format=file_format).download_and_prepare()
     data = load_source("tfds:jaxembed_tiny_shapes", data_dir=str(tmp_path))
     assert len(data) == 6 and data.concepts == ("alpha", "mid", "zeta")
     # Class i % 3 of the builder ("zeta", "alpha", "mid") was drawn with gray level 40 * (i % 3).
@@ -554,18 +557,74 @@ def test_tfds_source_reads_a_prepared_dataset(tmp_path):
         load_source("tfds:mnist", data_dir=str(tmp_path / "empty"))
 
 
-def test_tensorflow_is_imported_by_the_first_pipeline_not_by_importing_jaxembed():
-    """The models, losses and jitted steps import where TensorFlow is absent (the lent GPU image has JAX
-    alone); building a pipeline imports it (which shows the first check can fail)."""
-    script = textwrap.dedent("""
-        import sys
-        import jaxembed.embed, jaxembed.evaluate, jaxembed.rundir, jaxembed.train
-        from jaxembed import data
-        before = "tensorflow" in sys.modules
-        data.train_batches(data.load_source(None), image_size=8, batch_size=4, seed=0)
-        print(before, "tensorflow" in sys.modules)
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "True"]
+def _same_batches(first: list[dict], second: list[dict]) -> bool:
+    return len(first) == len(second) and all(
+        a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(first, second))
+
+
+def test_batches_do_not_depend_on_the_number_of_workers(omniglot):
+    """Worker processes change where batches are made, not what they hold: the same training batches
+    (across an epoch boundary, resumed mid-epoch) and the same evaluation pass as in-process loading."""
+    steps = batches_per_pass(len(omniglot), 16)
+    augmentation = Augmentation(flip=True, rotation_degrees=10, erase_probability=0.5)
+    taken = steps + 2
+
+    def train(workers):
+        batches = train_batches(omniglot, image_size=16, batch_size=16, seed=5, augmentation=augmentation,
+                                skip_batches=steps - 2, workers=workers)
+        with contextlib.closing(batches):
+            return [next(batches) for _ in range(taken)]
+
+    in_process = train(0)
+    assert _same_batches(train(2), in_process)
+    assert not _same_batches(in_process[:2], in_process[2:4])  # a different epoch: different batches
+    evaluation = [list(eval_batches(omniglot, image_size=16, batch_size=40, workers=w)) for w in (0, 3)]
+    assert _same_batches(*evaluation) and sum(int(b["mask"].sum()) for b in evaluation[1]) == len(omniglot)
+
+
+def test_train_batches_are_the_seeded_plan_augmented_image_by_image(omniglot):
+    """An independent reference for one batch: the permutation and numbers drawn as documented, each image
+    decoded and passed through the `Augmentation` by hand."""
+    augmentation = Augmentation(crop_area=(0.5, 1.0), shear_degrees=20)
+    steps = batches_per_pass(len(omniglot), 10, process_count=2)
+    batch = next(train_batches(omniglot, image_size=24, batch_size=10, seed=7, augmentation=augmentation,
+                               process_index=1, process_count=2, skip_batches=2 * steps + 3))  # epoch 2, step 3
+    rng = np.random.default_rng([7, 2, 1])  # seed, epoch, process
+    shard = np.arange(1, len(omniglot), 2)
+    order = shard[rng.permutation(len(shard))[: steps * 10]].reshape(steps, 10)[3]
+    numbers = [rng.random((steps, 10, k), dtype=np.float32)[3] for k in (5, 5, 2)]  # crop+flip, erasing, affine
+    randoms = np.concatenate(numbers, axis=-1)
+    assert np.array_equal(batch["index"], order)
+    for row, index in enumerate(order):
+        expected = augmentation(Image.fromarray(decode_image(omniglot.items[index])), 24, randoms[row])
+        assert np.array_equal(batch["image"][row], expected)
+        assert batch["label"][row] == omniglot.labels[index][0]
+
+
+class _KillOnBatch:
+    """A batch loader that kills its own process (as the kernel's OOM killer would) on batch `batch`."""
+
+    def __init__(self, load, batch_size: int, batch: int):
+        self.load, self.first_index = load, batch * batch_size
+
+    def __call__(self, plan):
+        if plan[0][0] == self.first_index:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.load(plan)
+
+
+def test_a_killed_worker_is_named_not_waited_for(omniglot):
+    plan = pipeline.EvalPlan(len(omniglot), 8, 0, 1)
+    load = pipeline.LoadBatch(omniglot, 8, pipeline._EvalView(), draft_size=None, mask_key="mask", on_failure="")
+    batches = pipeline._read(plan, _KillOnBatch(load, 8, batch=5), first=0, workers=2)
+    received = []
+    with pytest.raises(DataWorkerDied, match=r"data worker 1 of 2 died while loading batch 5 .*SIGKILL") as died:
+        for batch in batches:
+            received.append(batch)
+    assert (died.value.worker, died.value.batch, len(received)) == (1, 5, 5)  # batch b is worker b mod 2's
+
+
+def test_workers_must_be_a_non_negative_integer(omniglot):
+    for call in (train_batches, eval_batches):
+        with pytest.raises(ValueError, match="workers=-1"):
+            call(omniglot, image_size=8, batch_size=4, **({"seed": 0} if call is train_batches else {}), workers=-1)

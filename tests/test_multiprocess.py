@@ -122,7 +122,7 @@ def fed_batches(train_data, config) -> list[dict[str, np.ndarray]]:
     per_process = [
         data_lib.train_batches(train_data, image_size=config.image_size, batch_size=config.batch_size // NUM_PROCESSES,
                                seed=config.seed, process_index=p, process_count=NUM_PROCESSES,
-                               crop_area=(config.min_crop_area, 1.0), flip=config.flip)
+                               augmentation=data_lib.Augmentation.from_config(config))
         for p in range(NUM_PROCESSES)
     ]
     steps = itertools.islice(zip(*per_process, strict=True), NUM_STEPS)  # the iterators never end

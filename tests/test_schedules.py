@@ -4,7 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxembed import schedules
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jaxembed import data, schedules
 
 
 def test_steps_per_epoch_rounds_up():
@@ -13,6 +16,21 @@ def test_steps_per_epoch_rounds_up():
     assert schedules.steps_per_epoch(5, 10) == 1
     with pytest.raises(ValueError, match="batch_size=0"):
         schedules.steps_per_epoch(5, 0)
+
+
+@given(batches=st.integers(1, 500), batch_size=st.integers(1, 128), processes=st.sampled_from([1, 2, 4, 8]),
+       remainder=st.integers(0, 10_000))
+def test_the_schedules_epoch_and_the_pipelines_pass_agree_where_they_must(batches, batch_size, processes, remainder):
+    """An epoch of the schedule is one pass of the pipeline when the images divide into global batches;
+    otherwise the schedule's epoch (rounded up) holds one step more than the pass's full batches, at most."""
+    whole = batches * batch_size * processes
+    per_process = batch_size  # the global batch is split over the processes
+    assert schedules.steps_per_epoch(whole, batch_size * processes) == data.batches_per_pass(whole, per_process,
+                                                                                             processes) == batches
+    images = whole + remainder % (batch_size * processes)
+    steps, passes = schedules.steps_per_epoch(images, batch_size * processes), data.batches_per_pass(
+        images, per_process, processes)
+    assert passes <= steps <= passes + 1
 
 
 @pytest.mark.parametrize("items,batch", [(1000, 32), (1797, 64), (50, 7)])

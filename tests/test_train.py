@@ -155,6 +155,33 @@ def test_workdir_of_another_run_is_refused_field_by_field(inception_run, digits,
     assert again["step"] == 4 and again["finished"]
 
 
+def test_a_dead_data_worker_stops_training_with_every_finished_step_saved(inception_run, digits, tmp_path,
+                                                                        monkeypatch):
+    """The pipeline reports a dead worker before step 3 (`DataWorkerDied`, as tests/test_data.py provokes
+    with a real kill): the trainer saves step 3, which no regular checkpoint (every 2) covers, names the
+    worker and the step, and the same command resumes to the uninterrupted run's weights."""
+    straight_dir, straight = inception_run
+    original = loop.training_batches
+
+    def worker_dies_before_step_3(run, step):
+        batches = original(run, step)
+        for _ in range(3 - step):
+            yield next(batches)
+        raise data_lib.DataWorkerDied("data worker 1 of 2 died while loading batch 3 of this pipeline (exit code -9, "
+                                      "SIGKILL)", worker=1, batch=3)
+
+    monkeypatch.setattr(loop, "training_batches", worker_dies_before_step_3)
+    with pytest.raises(train.TrainingStopped, match=r"before step 3: data worker 1 of 2 died .* checkpoint is at "
+                                                    r"step 3; the same command resumes"):
+        train.train_and_evaluate(tiny.config("inception_bn"), str(tmp_path), data=digits)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]
+    monkeypatch.setattr(loop, "training_batches", original)
+    resumed = train.train_and_evaluate(tiny.config("inception_bn"), str(tmp_path), data=digits)
+    assert resumed["finished"] and resumed["train/loss"] == straight["train/loss"]
+    for x, y in zip(leaves(straight_dir), leaves(str(tmp_path)), strict=True):
+        np.testing.assert_array_equal(x, y)  # bitwise on CPU
+
+
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(inception_run, digits, tmp_path):
     # Start from the shared run's step-2 checkpoint with an absurd learning rate.
     shutil.copytree(os.path.join(inception_run[0], "checkpoints", "2"), tmp_path / "checkpoints" / "2")
@@ -222,6 +249,8 @@ def test_command_line_errors_name_the_flag(capsys):
     assert "image_size=40" in capsys.readouterr().err
     assert train.main(["--template", "inception_bn", "--optimizer", "adam", "--no_progress"]) == 2
     assert "optimizer='adam' is invalid: expected one of sgd, adamw" in capsys.readouterr().err
+    assert train.main(["--template", "inception_bn", "--data_workers", "-1", "--no_progress"]) == 2
+    assert "data_workers=-1" in capsys.readouterr().err
 
 
 def test_init_from_pretrained_backbone(digits, tmp_path):

@@ -62,10 +62,12 @@ class SmoothBlock(nn.Module):
 if "tiny" not in models.registered_archs():
     models.register("tiny", SmoothBlock, FEATURES)
 
-# Two epochs of 16 images in batches of 8: 4 steps, the learning rate decayed after 2.
+# Two epochs of 16 images in batches of 8: 4 steps, the learning rate decayed after 2. Batches are loaded in
+# the test process: a worker process would add seconds of start-up to every run, and the batches do not
+# depend on it (tests/test_data.py compares them).
 RUN = dict(arch="tiny", image_size=32, batch_size=8, init_epochs=1, step_epochs=1, num_epochs=2,
            num_items_per_epoch=16, per_item_lrate=0.002, progress=False, log_every=1, checkpoint_every=2,
-           eval_batch_size=64)
+           eval_batch_size=64, data_workers=0)
 NUM_STEPS = 4
 ARCFACE = dict(angular_scale=16, embeddings_size=32)
 

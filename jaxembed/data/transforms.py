@@ -2,12 +2,13 @@
 
 Each is one Pillow `resize` from a (sub-pixel) box of the source to the square output, so cropping and
 resampling happen in a single antialiased pass, and Pillow releases the GIL while it runs (which lets
-the tf.data pipeline run them in parallel threads). Outputs are uint8: normalisation happens inside the
+the input pipeline run them in parallel threads). Outputs are uint8: normalisation happens inside the
 model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -21,7 +22,7 @@ _RESAMPLE = Image.Resampling.BILINEAR
 # Random-resized-crop aspect ratios (width / height), the standard Inception range.
 _ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
-# Uniform random numbers `augment_for_train` consumes per image: five for the crop and the flip, five
+# Uniform random numbers an `Augmentation` consumes per image: five for the crop and the flip, five
 # for random erasing, then two for the rotation and shear. Each group is drawn after the ones before it,
 # so adding one left every earlier run's crops, flips and rectangles as they were.
 CROP_FLIP_RANDOMS, ERASE_RANDOMS, AFFINE_RANDOMS = 5, 5, 2
@@ -72,69 +73,101 @@ def center_crop(image: Image.Image, image_size: int) -> Image.Image:
     return image.resize((image_size, image_size), _RESAMPLE, box=(left, top, left + side, top + side))
 
 
-def augment_for_train(
-    image: Image.Image,
-    image_size: int,
-    randoms: np.ndarray,
-    *,
-    crop_area: tuple[float, float],
-    flip: bool,
-    crop: str = "resized",
-    crop_padding: int = 4,
-    erase_probability: float = 0.0,
-    rotation_degrees: float = 0.0,
-    shear_degrees: float = 0.0,
-) -> np.ndarray:
-    """A random crop to an `image_size` square, a random rotation and shear, a random horizontal flip,
-    then random erasing.
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """The random training augmentation: a crop to an `image_size` square, a rotation and shear, a
+    horizontal flip, then random erasing; called on one image with its random numbers.
 
     `crop="resized"`: a random-resized crop covering a fraction of the image area drawn uniformly from
     `crop_area`, with a log-uniform aspect ratio in [3/4, 4/3], at a uniform position; where that box
     would leave the image it is clipped to the image, so there is no rejection loop and the result is a
-    pure function of `randoms`. `crop="pad"`: the evaluation view (`center_crop`), its border pixels
+    pure function of the numbers. `crop="pad"`: the evaluation view (`center_crop`), its border pixels
     repeated `crop_padding` times on every side, cropped back to `image_size` at a uniform offset: shifts
     of up to `crop_padding` pixels at the full scale (the standard for 28-32 px images). Then, when either
     range is non-zero, `rotate_and_shear` by angles drawn uniformly from +-`rotation_degrees` and
     +-`shear_degrees`.
 
-    Args:
-      image: a Pillow image in mode "L" or "RGB".
-      image_size: side of the square output.
-      randoms: `NUM_AUGMENT_RANDOMS` floats in [0, 1): area, aspect ratio, x, y, flip; then erasing's
-        whether, area, aspect ratio, x, y; then the rotation and the shear.
-      crop_area: (smallest, largest) fraction of the image area a resized crop covers, within (0, 1].
-      flip: whether to flip horizontally half of the time.
+    `crop_area` defaults to (0.25, 1) rather than ImageNet's (0.08, 1): for embeddings the concept must
+    remain recognisable in the crop, and small images (8x8 digits, 105x105 glyphs) have little to spare.
+
+    Attributes:
       crop: "resized" or "pad".
+      crop_area: (smallest, largest) fraction of the image area a resized crop covers, within (0, 1].
       crop_padding: pixels of padding on each side for `crop="pad"`.
+      flip: whether to flip horizontally half of the time (off by default: a mirrored character or
+        digit is another concept).
       erase_probability: the chance that a rectangle of the output is replaced by mid-grey.
       rotation_degrees, shear_degrees: the largest rotation and shear, in degrees (0: none).
 
-    Returns:
-      uint8 `(image_size, image_size, channels)`, 1 channel for "L" input and 3 for "RGB".
+    Raises:
+      ValueError: naming the attribute out of range.
     """
-    crop_flip, erasing, affine = np.split(np.asarray(randoms)[:NUM_AUGMENT_RANDOMS],
-                                          [CROP_FLIP_RANDOMS, CROP_FLIP_RANDOMS + ERASE_RANDOMS])
-    u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in crop_flip)
-    if crop == "pad":
-        view = np.atleast_3d(np.asarray(center_crop(image, image_size)))
-        padded = np.pad(view, ((crop_padding, crop_padding), (crop_padding, crop_padding), (0, 0)), mode="edge")
-        left, top = (min(int(u * (2 * crop_padding + 1)), 2 * crop_padding) for u in (u_x, u_y))
-        pixels = padded[top:top + image_size, left:left + image_size]
-    else:
-        width, height = image.size
-        area = height * width * (crop_area[0] + u_area * (crop_area[1] - crop_area[0]))
-        aspect_ratio = _log_uniform(u_ratio, _ASPECT_RATIO_RANGE)
-        crop_width = min(float(width), math.sqrt(area * aspect_ratio))
-        crop_height = min(float(height), math.sqrt(area / aspect_ratio))
-        left, top = u_x * (width - crop_width), u_y * (height - crop_height)
-        box = (left, top, left + crop_width, top + crop_height)
-        pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
-    if rotation_degrees or shear_degrees:
-        u_rotation, u_shear = (float(u) for u in affine)
-        pixels = rotate_and_shear(pixels, rotation_degrees * (2 * u_rotation - 1), shear_degrees * (2 * u_shear - 1))
-    if flip and u_flip < 0.5:
-        pixels = pixels[:, ::-1]
-    return erase_rectangle(pixels, erasing, erase_probability)
+
+    crop: str = "resized"
+    crop_area: tuple[float, float] = (0.25, 1.0)
+    crop_padding: int = 4
+    flip: bool = False
+    erase_probability: float = 0.0
+    rotation_degrees: float = 0.0
+    shear_degrees: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "crop_area", tuple(float(a) for a in self.crop_area))
+        if len(self.crop_area) != 2 or not 0 < self.crop_area[0] <= self.crop_area[1] <= 1:
+            raise ValueError(f"crop_area must satisfy 0 < min <= max <= 1, got crop_area={self.crop_area}")
+        if self.crop not in CROPS or self.crop_padding < 0 or not 0 <= self.erase_probability <= 1:
+            raise ValueError(f"crop={self.crop!r} (expected one of {', '.join(CROPS)}), crop_padding="
+                             f"{self.crop_padding} (expected >= 0), erase_probability={self.erase_probability} "
+                             "(expected 0..1)")
+        if not (0 <= self.rotation_degrees <= MAX_ROTATION_DEGREES and 0 <= self.shear_degrees <= MAX_SHEAR_DEGREES):
+            raise ValueError(f"rotation_degrees={self.rotation_degrees} (expected 0..{MAX_ROTATION_DEGREES}) and "
+                             f"shear_degrees={self.shear_degrees} (expected 0..{MAX_SHEAR_DEGREES})")
+
+    @classmethod
+    def from_config(cls, config) -> Augmentation:
+        """The augmentation a training config (`jaxembed.templates.Config`) asks for."""
+        return cls(crop=config.crop, crop_area=(config.min_crop_area, 1.0), crop_padding=config.crop_padding,
+                   flip=config.flip, erase_probability=config.random_erasing,
+                   rotation_degrees=config.rotation_degrees, shear_degrees=config.shear_degrees)
+
+    def __call__(self, image: Image.Image, image_size: int, randoms: np.ndarray) -> np.ndarray:
+        """`image` augmented to an `image_size` square.
+
+        Args:
+          image: a Pillow image in mode "L" or "RGB".
+          image_size: side of the square output.
+          randoms: `NUM_AUGMENT_RANDOMS` floats in [0, 1): area, aspect ratio, x, y, flip; then erasing's
+            whether, area, aspect ratio, x, y; then the rotation and the shear.
+
+        Returns:
+          uint8 `(image_size, image_size, channels)`, 1 channel for "L" input and 3 for "RGB".
+        """
+        crop_flip, erasing, affine = np.split(np.asarray(randoms)[:NUM_AUGMENT_RANDOMS],
+                                              [CROP_FLIP_RANDOMS, CROP_FLIP_RANDOMS + ERASE_RANDOMS])
+        u_area, u_ratio, u_x, u_y, u_flip = (float(u) for u in crop_flip)
+        if self.crop == "pad":
+            pad = self.crop_padding
+            view = np.atleast_3d(np.asarray(center_crop(image, image_size)))
+            padded = np.pad(view, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+            left, top = (min(int(u * (2 * pad + 1)), 2 * pad) for u in (u_x, u_y))
+            pixels = padded[top:top + image_size, left:left + image_size]
+        else:
+            width, height = image.size
+            smallest, largest = self.crop_area
+            area = height * width * (smallest + u_area * (largest - smallest))
+            aspect_ratio = _log_uniform(u_ratio, _ASPECT_RATIO_RANGE)
+            crop_width = min(float(width), math.sqrt(area * aspect_ratio))
+            crop_height = min(float(height), math.sqrt(area / aspect_ratio))
+            left, top = u_x * (width - crop_width), u_y * (height - crop_height)
+            box = (left, top, left + crop_width, top + crop_height)
+            pixels = np.atleast_3d(np.asarray(image.resize((image_size, image_size), _RESAMPLE, box=box)))
+        if self.rotation_degrees or self.shear_degrees:
+            u_rotation, u_shear = (float(u) for u in affine)
+            pixels = rotate_and_shear(pixels, self.rotation_degrees * (2 * u_rotation - 1),
+                                      self.shear_degrees * (2 * u_shear - 1))
+        if self.flip and u_flip < 0.5:
+            pixels = pixels[:, ::-1]
+        return erase_rectangle(pixels, erasing, self.erase_probability)
 
 
 def rotate_and_shear(pixels: np.ndarray, rotation_degrees: float, shear_degrees: float) -> np.ndarray:

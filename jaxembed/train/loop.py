@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -21,21 +22,15 @@ from jaxembed.train.steps import Steps, compile_steps
 log = logging.getLogger("jaxembed.train")
 
 
-def augmentation_options(config) -> dict:
-    """The training augmentation `config` asks for, as the keyword arguments of both
-    `data.train_batches` and `data.transforms.augment_for_train`."""
-    return dict(crop_area=(config.min_crop_area, 1.0), flip=config.flip, crop=config.crop,
-                crop_padding=config.crop_padding, erase_probability=config.random_erasing,
-                rotation_degrees=config.rotation_degrees, shear_degrees=config.shear_degrees)
-
-
 def training_batches(run: Run, step: int) -> Iterator[dict]:
     """This process's training batches from optimiser step `step` on, identical to an uninterrupted
     run's (the pipeline plans every epoch's order up front, so skipping decodes nothing)."""
+    workers = run.config.data_workers
     return data_lib.train_batches(
         run.train_data, image_size=run.config.image_size, batch_size=run.local_batch_size, seed=run.config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(), skip_batches=step,
-        **augmentation_options(run.config))
+        augmentation=data_lib.Augmentation.from_config(run.config), process_index=jax.process_index(),
+        process_count=jax.process_count(), skip_batches=step,
+        workers=data_lib.default_workers() if workers is None else workers)
 
 
 def train_and_evaluate(config: templates.Config, workdir: str, *, data_spec: str | None = None,
@@ -100,10 +95,17 @@ def _train(run: Run, steps: Steps, state: TrainState, last_good: int | None, run
     batches = training_batches(run, start)
     pending = None  # (step, metrics) of the last dispatched step, read one step later to keep devices busy
     stopped_by, last_loss = None, None
-    with hooks.StopSignal() as stop:
+    with hooks.StopSignal() as stop, contextlib.closing(batches):
         vote = hooks.SignalVote(run.mesh)
         for step in range(start, end):
-            state, metrics = steps.train(state, parallel.global_batch(next(batches), run.mesh))
+            try:
+                batch = next(batches)
+            except data_lib.DataWorkerDied as error:
+                last_good = _save_before_stopping(state, pending, last_good, manager)
+                where = f"step {last_good}" if last_good else "no step (none saved yet)"
+                raise hooks.TrainingStopped(f"training stopped before step {step}: {error}. The last checkpoint "
+                                            f"is at {where}; the same command resumes from it") from error
+            state, metrics = steps.train(state, parallel.global_batch(batch, run.mesh))
             agreed_signum = vote.after_step(stop.signum)
             if pending is not None:
                 hooks.check_finite(*pending, last_good)
@@ -126,6 +128,19 @@ def _train(run: Run, steps: Steps, state: TrainState, last_good: int | None, run
         manager.wait_until_finished()
     metrics_log.close()
     return state, stopped_by, last_loss
+
+
+def _save_before_stopping(state: TrainState, pending, last_good: int | None, manager) -> int | None:
+    """Checkpoints the state the loop holds when the input pipeline fails, so no finished step is lost;
+    returns the newest checkpointed step. With several processes only the last regular checkpoint counts:
+    the others, whose pipelines still run, would not join this save."""
+    if jax.process_count() > 1 or int(state.step) in (0, last_good):
+        return last_good
+    if pending is not None:
+        hooks.check_finite(*pending, last_good)  # a NaN state is never saved
+    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    return int(state.step)
 
 
 def _summary(run: Run, state: TrainState, data, *, stopped_by: str | None, last_loss: float | None) -> dict:
