@@ -37,7 +37,6 @@ from jax.experimental import multihost_utils
 
 from jaxembed import fileio, templates
 from jaxembed.data import LabelledImages, load_label_map, load_source, save_label_map
-from jaxembed.data.pipeline import host_tensorflow
 
 log = logging.getLogger("jaxembed.rundir")
 
@@ -159,13 +158,9 @@ class RunDir:
         if jax.process_index() != 0:
             return
         fileio.append_jsonl(self.file("metrics.jsonl"), record)
-        tf = host_tensorflow()
         if self._events is None:
-            self._events = tf.summary.create_file_writer(self.path)
-        with self._events.as_default(step=int(record["step"])):
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    tf.summary.scalar(name, value)
+            self._events = _event_file(self.path)
+        self._events.add_event(_scalars_event(record))
         self._events.flush()
 
     def write_summary(self, summary: dict) -> None:
@@ -296,3 +291,20 @@ class RunDir:
         if "centers" in params:
             params = {**params, "centers": params["centers"][:, :len(self.concepts())]}
         return {"params": params, "batch_stats": weights["batch_stats"]}, step
+
+
+def _event_file(directory: str):
+    """A TensorBoard event file in `directory`, written by the tensorboard package's own writer, which
+    needs no TensorFlow (imported here, by the first record: readers of a run never need it)."""
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    return EventFileWriter(directory)
+
+
+def _scalars_event(record: dict):
+    """The numbers of a metrics record (but its `step`) as one TensorBoard event at that step."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+
+    values = [summary_pb2.Summary.Value(tag=name, simple_value=float(value)) for name, value in record.items()
+              if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return event_pb2.Event(wall_time=time.time(), step=int(record["step"]), summary=summary_pb2.Summary(value=values))

@@ -252,11 +252,21 @@ def load_tfds(
     """A TFDS dataset's images and class labels, held in memory as the encoded image files.
 
     The image is the feature named "image" (else the first Image feature); the label is "label" /
-    "labels" (else the first ClassLabel, or sequence of ClassLabel for multi-label data).
-    """
-    import tensorflow_datasets as tfds  # slow to import; only TFDS sources need it
+    "labels" (else the first ClassLabel, or sequence of ClassLabel for multi-label data). A dataset
+    stored in a random-access format (ArrayRecord, TFDS's default for new datasets) is read through
+    `tfds.data_source`, without tf.data; one stored as TFRecord needs tf.data, so TensorFlow.
 
+    Raises:
+      ValueError: tensorflow-datasets is not installed (the message names the `[tfds]` extra).
+      FileNotFoundError: the dataset is not registered or not prepared in `data_dir`.
+    """
     spec = f"tfds:{name}:{split}"
+    try:
+        import tensorflow_datasets as tfds  # slow to import; only TFDS sources need it
+    except ImportError as error:
+        raise ValueError(f"{spec}: TFDS sources need tensorflow-datasets, which this installation lacks "
+                         f"({error}); install the extra: pip install 'jaxembed[tfds]'") from None
+
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
@@ -279,16 +289,31 @@ def load_tfds(
         raise ValueError(f"{spec}: needs an Image feature and a ClassLabel feature, found {dict(features)}")
     label_feature = features[label_key]
     class_names = getattr(label_feature, "feature", label_feature).names
-    examples = builder.as_dataset(
-        split=split, shuffle_files=False, decoders={image_key: tfds.decode.SkipDecoding()}
-    ).map(lambda example: (example[image_key], example[label_key]))
     candidates = []
-    for position, (encoded, label) in enumerate(examples.as_numpy_iterator()):
+    for position, (encoded, label) in enumerate(_tfds_examples(tfds, builder, split, image_key, label_key)):
         concepts = _unique(class_names[int(index)] for index in np.atleast_1d(label))
         candidates.append(_Candidate(bytes(encoded), f"{spec}[{position}]", concepts))
     bad_files = [BadFile(c.name, "no class label") for c in candidates if not c.concepts]
     candidates = [c for c in candidates if c.concepts]
     return _assemble(candidates, bad_files, source=spec, verify=verify)
+
+
+def _tfds_examples(tfds, builder, split: str, image_key: str, label_key: str) -> Iterator[tuple[bytes, object]]:
+    """`(encoded image, label)` of each example of `split`, in order, the image left undecoded."""
+    skip_decoding = {image_key: tfds.decode.SkipDecoding()}
+    random_access = {file_format.value for file_format in tfds.core.file_adapters.FileFormat.with_random_access()}
+    stored = [str(getattr(builder.info.file_format, "value", builder.info.file_format))]
+    stored += [str(getattr(f, "value", f)) for f in getattr(builder.info, "alternative_file_formats", ())]
+    usable = [file_format for file_format in stored if file_format in random_access]
+    if usable:  # no tf.data, no TensorFlow
+        for example in builder.as_data_source(split, decoders=skip_decoding, file_format=usable[0]):
+            yield example[image_key], example[label_key]
+        return
+    logger.info("%s is stored as %s, which only tf.data reads (TensorFlow); `tfds build --file_format "
+                "array_record` stores it for random access", builder.name, stored[0])
+    examples = builder.as_dataset(split=split, shuffle_files=False, decoders=skip_decoding)
+    for example in examples.as_numpy_iterator():
+        yield example[image_key], example[label_key]
 
 
 def _pick_feature(features, preferred: str, accepts) -> str | None:
