@@ -167,8 +167,8 @@ def test_a_dead_data_worker_stops_training_with_every_finished_step_saved(incept
         batches = original(run, step)
         for _ in range(3 - step):
             yield next(batches)
-        raise data_lib.DataWorkerDied("data worker 1 of 2 died while loading batch 3 of this pipeline (exit code -9, "
-                                      "SIGKILL)", worker=1, batch=3)
+        raise data_lib.DataWorkerDied("data worker 1 of 2 died before handing over batch 3 of this pipeline (exit "
+                                      "code -9, SIGKILL)", worker=1, batch=3)
 
     monkeypatch.setattr(loop, "training_batches", worker_dies_before_step_3)
     with pytest.raises(train.TrainingStopped, match=r"before step 3: data worker 1 of 2 died .* checkpoint is at "

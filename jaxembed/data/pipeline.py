@@ -322,11 +322,14 @@ def _named_failures(iterator, workers: int) -> Iterator[Batch]:
             except RuntimeError as error:
                 if workers == 0 or "terminated unexpectedly" not in str(error):
                     raise
-                worker = produced % workers  # grain hands batch b to worker b mod workers
+                # grain hands batch b to worker b mod workers and waits for the batches in order, so the
+                # worker found dead is the one owing the next batch (which it may have finished: a batch
+                # still in a killed process's queue is lost with it).
+                worker = produced % workers
                 raise DataWorkerDied(
-                    f"data worker {worker} of {workers} died while loading batch {produced} of this pipeline "
-                    f"({_exit_reason(str(error))}): killed, or out of memory (fewer --data_workers, smaller "
-                    "batches or more memory)", worker=worker, batch=produced) from None
+                    f"data worker {worker} of {workers} died before handing over batch {produced} of this "
+                    f"pipeline ({_exit_reason(str(error))}): killed, or out of memory (fewer --data_workers, "
+                    "smaller batches or more memory)", worker=worker, batch=produced) from None
             produced += 1
             # Copied out of grain's shared memory, which is then freed at once rather than when the
             # caller lets go of the batch (a kept batch would hold a block until the process ends).
