@@ -336,17 +336,22 @@ def test_large_jpeg_decoded_at_reduced_scale_for_training(tmp_path):
     assert batch["image"].shape == (2, 64, 64, 3)
 
 
-def test_unverified_bad_files_do_not_stop_the_pipeline(mixed_corpus, caplog):
+@pytest.mark.parametrize("workers", [0, 1])  # a worker's failures are logged by the training process
+def test_unverified_bad_files_do_not_stop_the_pipeline(mixed_corpus, caplog, workers):
     root, good, bad = mixed_corpus
     data = load_source(root, verify=False)  # undecodable files stay in: they fail inside the pipeline
     bad_images = [i for i, name in enumerate(data.item_names) if name in bad]
     assert len(bad_images) == len(_bad_images())
     with caplog.at_level(logging.WARNING, logger="jaxembed.data"):
-        batches = list(eval_batches(data, image_size=16, batch_size=4))
-        next(train_batches(data, image_size=16, batch_size=len(data), seed=0))
+        batches = list(eval_batches(data, image_size=16, batch_size=4, workers=workers))
+        assert all(f"{data.item_names[i]}: could not decode" in caplog.text for i in bad_images)
+        caplog.clear()
+        with contextlib.closing(train_batches(data, image_size=16, batch_size=len(data), seed=0,
+                                              workers=workers)) as training:
+            next(training)
     masked = np.concatenate([b["index"][~b["mask"] & (b["index"] >= 0)] for b in batches])
     assert sorted(masked) == bad_images
-    assert all(data.item_names[i] in caplog.text for i in bad_images)
+    assert all(f"{data.item_names[i]}: could not decode" in caplog.text for i in bad_images)
 
 
 # --- manifests ---------------------------------------------------------------------------------------

@@ -256,8 +256,9 @@ class LoadBatch:
     Picklable, so grain can send it to worker processes. `view(image, image_size, randoms)` maps one
     decoded image to uint8 `(S, S, 1 or 3)`. Index -1 is padding. `draft_size` is passed to
     `open_image`. The batch holds `image`, `index`, `label`, `labels` and, under `mask_key` if given,
-    which rows hold a decoded image (not padding, not a failure). `on_failure` ends the log line
-    naming an image that failed to decode.
+    which rows hold a decoded image (not padding, not a failure). Returns `(batch, failures)`, each failure a
+    line naming an image that failed to decode and why, ending with `on_failure`: the training process logs
+    them (a worker process's own log goes nowhere the user sees).
     """
 
     data: LabelledImages
@@ -267,13 +268,14 @@ class LoadBatch:
     mask_key: str | None
     on_failure: str
 
-    def __call__(self, plan: tuple[np.ndarray, np.ndarray]) -> Batch:
+    def __call__(self, plan: tuple[np.ndarray, np.ndarray]) -> tuple[Batch, tuple[str, ...]]:
         indices, randoms = plan
         size = self.image_size
         images = np.zeros((len(indices), size, size, 3), np.uint8)
         decoded = np.zeros(len(indices), bool)
         label = np.zeros(len(indices), np.int32)
         labels = np.zeros((len(indices), self.data.num_concepts), np.float32)
+        failures = []
         for row, index in enumerate(indices):
             if index < 0:
                 continue
@@ -283,13 +285,13 @@ class LoadBatch:
                 image = open_image(self.data.items[index], draft_size=self.draft_size)
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the run; it is named.
                 reason = describe_error(error)
-                logger.warning("%s: could not decode (%s); %s", self.data.item_names[index], reason, self.on_failure)
+                failures.append(f"{self.data.item_names[index]}: could not decode ({reason}); {self.on_failure}")
                 images[row] = _GRAY
                 continue
             images[row] = self.view(image, size, randoms[row])  # broadcasts a gray (S, S, 1) image to RGB
             decoded[row] = True
         batch = {"image": images, "index": np.asarray(indices, np.int32), "label": label, "labels": labels}
-        return batch if self.mask_key is None else {**batch, self.mask_key: decoded}
+        return (batch if self.mask_key is None else {**batch, self.mask_key: decoded}), tuple(failures)
 
 
 def _read(plan, load: LoadBatch, *, first: int, workers: int) -> Iterator[Batch]:
@@ -331,6 +333,9 @@ def _named_failures(iterator, workers: int) -> Iterator[Batch]:
                     f"pipeline ({_exit_reason(str(error))}): killed, or out of memory (fewer --data_workers, "
                     "smaller batches or more memory)", worker=worker, batch=produced) from None
             produced += 1
+            batch, failures = batch
+            for failure in failures:
+                logger.warning("%s", failure)
             # Copied out of grain's shared memory, which is then freed at once rather than when the
             # caller lets go of the batch (a kept batch would hold a block until the process ends).
             yield {name: np.array(value) for name, value in batch.items()}
