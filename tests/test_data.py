@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -606,22 +609,24 @@ def test_train_batches_are_the_seeded_plan_augmented_image_by_image(omniglot):
         assert batch["label"][row] == omniglot.labels[index][0]
 
 
-class _KillOnBatch:
-    """A batch loader that kills its own process (as the kernel's OOM killer would) on batch `batch`."""
+@dataclasses.dataclass(frozen=True)
+class _KillOnBatch(pipeline.LoadBatch):
+    """The batch loader, killing its own process (as the kernel's OOM killer would) on the batch that starts
+    with image `first_index`."""
 
-    def __init__(self, load, batch_size: int, batch: int):
-        self.load, self.first_index = load, batch * batch_size
+    first_index: int = -1
 
     def __call__(self, plan):
         if plan[0][0] == self.first_index:
             os.kill(os.getpid(), signal.SIGKILL)
-        return self.load(plan)
+        return super().__call__(plan)
 
 
 def test_a_killed_worker_is_named_not_waited_for(omniglot):
     plan = pipeline.EvalPlan(len(omniglot), 8, 0, 1)
-    load = pipeline.LoadBatch(omniglot, 8, pipeline._EvalView(), draft_size=None, mask_key="mask", on_failure="")
-    batches = pipeline._read(plan, _KillOnBatch(load, 8, batch=5), first=0, workers=2)
+    load = _KillOnBatch(omniglot, 8, pipeline._EvalView(), draft_size=None, mask_key="mask", on_failure="",
+                        first_index=5 * 8)  # batch 5
+    batches = pipeline._read(plan, load, first=0, workers=2)
     received = []
     with pytest.raises(DataWorkerDied, match=r"data worker 1 of 2 died before handing over batch [135] .*SIGKILL") \
             as died:
@@ -629,6 +634,17 @@ def test_a_killed_worker_is_named_not_waited_for(omniglot):
             received.append(batch)
     # Worker 1 makes batches 1, 3, 5 and dies making 5; those it had made but not handed over die with it.
     assert died.value.worker == 1 and died.value.batch in (1, 3, 5) and len(received) == died.value.batch
+
+
+def test_a_worker_that_cannot_start_is_an_error_not_a_hang():
+    """A program read from stdin cannot be imported again by a spawned worker, which dies while starting;
+    the pipeline must say so rather than wait forever (its images, 1,797 PNGs, outgrow a pipe's buffer)."""
+    script = ("from jaxembed import data\n"
+              "batches = data.train_batches(data.load_source(None), image_size=8, batch_size=32, seed=0, workers=1)\n"
+              "next(batches)\n")
+    result = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "DataWorkerDied: data worker 0 of 1 died before handing over batch 0" in result.stderr
 
 
 def test_workers_must_be_a_non_negative_integer(omniglot):

@@ -21,9 +21,12 @@ import functools
 import logging
 import math
 import os
+import pickle
 import re
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -261,7 +264,7 @@ class LoadBatch:
     them (a worker process's own log goes nowhere the user sees).
     """
 
-    data: LabelledImages
+    data: LabelledImages | _ImagesFile
     image_size: int
     view: Callable[[Image.Image, int, np.ndarray], np.ndarray]
     draft_size: int | None
@@ -270,22 +273,23 @@ class LoadBatch:
 
     def __call__(self, plan: tuple[np.ndarray, np.ndarray]) -> tuple[Batch, tuple[str, ...]]:
         indices, randoms = plan
+        data = self.data.images if isinstance(self.data, _ImagesFile) else self.data
         size = self.image_size
         images = np.zeros((len(indices), size, size, 3), np.uint8)
         decoded = np.zeros(len(indices), bool)
         label = np.zeros(len(indices), np.int32)
-        labels = np.zeros((len(indices), self.data.num_concepts), np.float32)
+        labels = np.zeros((len(indices), data.num_concepts), np.float32)
         failures = []
         for row, index in enumerate(indices):
             if index < 0:
                 continue
-            label[row] = self.data.labels[index][0]
-            labels[row, list(self.data.labels[index])] = 1.0
+            label[row] = data.labels[index][0]
+            labels[row, list(data.labels[index])] = 1.0
             try:
-                image = open_image(self.data.items[index], draft_size=self.draft_size)
+                image = open_image(data.items[index], draft_size=self.draft_size)
             except Exception as error:  # noqa: BLE001 - one bad file must not stop the run; it is named.
                 reason = describe_error(error)
-                failures.append(f"{self.data.item_names[index]}: could not decode ({reason}); {self.on_failure}")
+                failures.append(f"{data.item_names[index]}: could not decode ({reason}); {self.on_failure}")
                 images[row] = _GRAY
                 continue
             images[row] = self.view(image, size, randoms[row])  # broadcasts a gray (S, S, 1) image to RGB
@@ -294,11 +298,42 @@ class LoadBatch:
         return (batch if self.mask_key is None else {**batch, self.mask_key: decoded}), tuple(failures)
 
 
+class _ImagesFile:
+    """A pipeline's images on their way to its worker processes, as the name of a file each worker reads once.
+
+    A worker gets its arguments through a pipe, and CPython's spawn keeps that pipe's read end open in the
+    parent while it writes them: a worker that dies while starting (a script re-imported without an
+    `if __name__ == "__main__":` guard, a program read from stdin) would leave the parent blocked forever
+    on arguments larger than the pipe's buffer (64 KiB), which the images (megabytes) are. A file name is not.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path}  # never the images loaded from it
+
+    def __setstate__(self, state: dict) -> None:
+        self.path = state["path"]
+
+    @functools.cached_property
+    def images(self) -> LabelledImages:
+        with open(self.path, "rb") as f:
+            return pickle.load(f)
+
+
 def _read(plan, load: LoadBatch, *, first: int, workers: int) -> Iterator[Batch]:
     """The batches `load(plan[first]), load(plan[first + 1]), ...` through grain, in that order."""
     import grain  # imported on the first pipeline: `import jaxembed.data` stays light
 
     _use_grain_defaults()
+    folder = None
+    if workers:
+        folder = tempfile.mkdtemp(prefix="jaxembed-pipeline-")
+        path = os.path.join(folder, "images.pickle")
+        with open(path, "wb") as f:
+            pickle.dump(load.data, f, protocol=pickle.HIGHEST_PROTOCOL)
+        load = dataclasses.replace(load, data=_ImagesFile(path))
     batches = grain.MapDataset.source(plan)[first:].map(load)
     if workers == 0:
         dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=_THREADS_IN_PROCESS,
@@ -308,12 +343,12 @@ def _read(plan, load: LoadBatch, *, first: int, workers: int) -> Iterator[Batch]
         # in shared memory.
         dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_PREFETCH_PER_WORKER))
-    return _named_failures(iter(dataset), workers)
+    return _named_failures(iter(dataset), workers, folder)
 
 
-def _named_failures(iterator, workers: int) -> Iterator[Batch]:
+def _named_failures(iterator, workers: int, folder: str | None) -> Iterator[Batch]:
     """`iterator`'s batches; a dead worker becomes `DataWorkerDied` naming it. Closing (or garbage-collecting)
-    this generator stops the worker processes."""
+    this generator stops the worker processes and removes `folder` (the workers' images file)."""
     produced = 0
     try:
         while True:
@@ -330,8 +365,10 @@ def _named_failures(iterator, workers: int) -> Iterator[Batch]:
                 worker = produced % workers
                 raise DataWorkerDied(
                     f"data worker {worker} of {workers} died before handing over batch {produced} of this "
-                    f"pipeline ({_exit_reason(str(error))}): killed, or out of memory (fewer --data_workers, "
-                    "smaller batches or more memory)", worker=worker, batch=produced) from None
+                    f"pipeline ({_exit_reason(str(error))}): killed, out of memory (fewer --data_workers, "
+                    "smaller batches or more memory), or failed to start (its error is printed above; a script "
+                    "needs `if __name__ == '__main__':` around its work, and --data_workers 0 loads in this "
+                    "process)", worker=worker, batch=produced) from None
             produced += 1
             batch, failures = batch
             for failure in failures:
@@ -343,6 +380,8 @@ def _named_failures(iterator, workers: int) -> Iterator[Batch]:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exit_reason(grain_message: str) -> str:
