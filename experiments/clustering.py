@@ -35,7 +35,8 @@ SCORES = ("nmi", "adjusted_rand", "purity")
 def clustering_scores(vectors: np.ndarray, names: np.ndarray, seeds: int) -> dict:
     """k-means of `vectors` into as many clusters as `names` has concepts, once per seed, each scored
     against `names`: per score its `mean` and lowest (`min`) over the seeds, and every seed's value."""
-    from jaxembed import cluster, metrics
+    from jaxembed import metrics
+    from jaxembed.search import cluster
 
     k = len(np.unique(names))
     per_seed = [metrics.clustering_metrics(cluster.kmeans(vectors, k, seed=seed)[0], names) for seed in range(seeds)]

@@ -24,7 +24,7 @@ RETRIEVAL = {"n_way": 20, "episodes": 1000, "seed": 0}
 
 def neck_rows(workdir: str, images) -> list[dict]:
     import jaxembed
-    from jaxembed import embed as embed_lib
+    from jaxembed.inference import embed as embed_lib
     from jaxembed import tasks
 
     embedder = jaxembed.load(workdir)

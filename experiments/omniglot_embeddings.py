@@ -110,7 +110,7 @@ def candidate_embeddings(workdir: str, images) -> tuple[dict[str, np.ndarray], n
     import jax.numpy as jnp
 
     import jaxembed
-    from jaxembed import embed as embed_lib
+    from jaxembed.inference import embed as embed_lib
     from jaxembed import models, tasks
     from jaxembed.models import heads
 

@@ -31,7 +31,7 @@ import numpy as np
 import omniglot  # experiments/omniglot.py: this script's folder is on sys.path
 import omniglot_embeddings
 import runner
-from jaxembed import whitening
+from jaxembed.inference import whitening
 
 SHRINKAGES = (0.0, 0.1, 1.0, 3.0, 10.0)
 DIMS = (None, 32, 64, 128)

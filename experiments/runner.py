@@ -81,7 +81,7 @@ class TrainedRun:
     def loss_curve(self, png: str) -> str:
         """Writes the run's one-page report (loss and learning-rate curves, neighbours, PCA of its
         held-out images) to `png`; returns `png`."""
-        from jaxembed import report
+        from jaxembed.eval import report
 
         files = report.write_report(self.workdir, out_dir=os.path.join(self.workdir, "report"), max_images=300)
         os.makedirs(os.path.dirname(png), exist_ok=True)
@@ -206,7 +206,7 @@ def embed(workdir: str, images, **embedding) -> tuple[Any, dict[str, np.ndarray]
     and its `embed_dataset` outputs (`embedding`, `logits` for classifiers, `index`) for the
     `LabelledImages` `images`."""
     import jaxembed
-    from jaxembed import embed as embed_lib
+    from jaxembed.inference import embed as embed_lib
 
     embedder = jaxembed.load(workdir, **embedding)
     outputs = embed_lib.embed_dataset(embedder.apply_fn, embedder.variables, images,

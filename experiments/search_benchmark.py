@@ -73,7 +73,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import runner  # noqa: E402 - experiments/runner.py: this script's folder is on sys.path
-from jaxembed import ann, search, topk  # noqa: E402
+from jaxembed.search import ann, topk  # noqa: E402
+from jaxembed.search import query as search  # noqa: E402
 
 RESULTS = os.path.join(runner.REPO, "experiments", "results", "search_benchmark")
 

@@ -15,7 +15,7 @@ import time
 
 import tiny  # noqa: F401  (this script's folder is on sys.path: registers arch "tiny")
 
-import jaxembed.train.cli  # noqa: F401  (imported here, before waiting)
+import jaxembed.cli.train  # noqa: F401  (imported here, before waiting)
 
 if __name__ == "__main__":
     go = os.environ.get("JAXEMBED_TEST_GO")

@@ -14,7 +14,7 @@ the arch "tiny" here too.
 A checkpoint is kept after every step (unless `--checkpoint_every` says otherwise), so the test can
 check each step. With `--sigterm_at_step S` this process sends itself SIGTERM while loading the batch
 of step S, as a preemption notice that reaches one host; the exit status is the trainer's
-(`train.exit_status`: 143 after a SIGTERM).
+(`jaxembed.cli.train.exit_status`: 143 after a SIGTERM).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def sigterm_at(step: int, training_batches):
 def recording_evaluation(record: dict):
     """A stand-in for `jaxembed.embed.embed_dataset` that keeps what its first call returns (the model's
     outputs on the held-out images and their raw pixels, the baseline's input) in `record`."""
-    from jaxembed import embed
+    from jaxembed.inference import embed
 
     original = embed.embed_dataset
 
@@ -100,7 +100,9 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from jaxembed import embed, fileio, parallel, train
+    from jaxembed import fileio, parallel, train
+    from jaxembed.cli import train as train_cli
+    from jaxembed.inference import embed
     from jaxembed.train import loop
 
     assert jax.config.jax_enable_x64, "the parent sets JAX_ENABLE_X64=1: the run is in float64"
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
         json.dump(result, f)
     if args.num_processes > 1:
         jax.distributed.shutdown()
-    return train.exit_status(summary)
+    return train_cli.exit_status(summary)
 
 
 if __name__ == "__main__":

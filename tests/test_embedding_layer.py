@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxembed.cli import embed as embed_cli
+from jaxembed.cli import evaluate as evaluate_cli
+from jaxembed.cli import export as export_cli
 import tiny
 import jaxembed
 from jaxembed import models, tasks
@@ -104,10 +107,12 @@ def test_a_run_trains_with_a_tapped_embedding_and_load_reads_it_from_another_blo
 
 
 def test_the_tools_read_a_run_from_another_block_and_name_a_bad_one(tiny_run, tmp_path, capsys):
-    from jaxembed import embed, evaluate, export
+    from jaxembed.inference import embed
+    from jaxembed.eval import evaluate
+    from jaxembed.inference import export
 
     out, tapped_flags = str(tmp_path / "digits.npz"), ["--embedding_layer", "conv", "--embedding_pooling", "gem"]
-    assert embed.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out, *tapped_flags]) == 0
+    assert embed_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out, *tapped_flags]) == 0
     with np.load(out) as saved:
         written, paths = saved["embeddings"], saved["paths"]
     tapped = jaxembed.load(tiny_run.workdir, embedding_layer="conv", embedding_pooling="gem")
@@ -117,22 +122,22 @@ def test_the_tools_read_a_run_from_another_block_and_name_a_bad_one(tiny_run, tm
 
     # evaluate embeds with the same settings: its metrics equal those of the .npz embed wrote.
     from_npz, from_run = str(tmp_path / "from_npz.json"), str(tmp_path / "from_run.json")
-    assert evaluate.main(["--embeddings", out, "--out", from_npz]) == 0
-    assert evaluate.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", from_run,
+    assert evaluate_cli.main(["--embeddings", out, "--out", from_npz]) == 0
+    assert evaluate_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", from_run,
                           *tapped_flags]) == 0
     with open(from_npz) as a, open(from_run) as b:
         npz_metrics, run_metrics = json.load(a), json.load(b)
     for name in ("recall@1", "recall@5", "map@r"):
         assert npz_metrics[name] == run_metrics[name], name
     with pytest.raises(SystemExit):
-        evaluate.main(["--embeddings", out, "--embedding_layer", "conv"])
+        evaluate_cli.main(["--embeddings", out, "--embedding_layer", "conv"])
     assert "--embedding_layer needs --workdir" in capsys.readouterr().err
 
-    assert export.main(["--workdir", tiny_run.workdir, "--out", str(tmp_path / "exported"), *tapped_flags]) == 0
+    assert export_cli.main(["--workdir", tiny_run.workdir, "--out", str(tmp_path / "exported"), *tapped_flags]) == 0
     assert export.load_exported(str(tmp_path / "exported")).meta["embedding_size"] == tiny.CHANNELS
 
     capsys.readouterr()
-    assert embed.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out,
+    assert embed_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", out,
                        "--embedding_layer", "conv9"]) == 1
     assert "jaxembed.embed: error: embedding_layer='conv9' is not a block of tiny; its blocks: conv" in capsys.readouterr().err
     with pytest.raises(ValueError, match="embedding_pooling.*median"):

@@ -5,8 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from jaxembed.cli import embed as embed_cli
+from jaxembed.cli import evaluate as evaluate_cli
 import tiny
-from jaxembed import embed, evaluate, metrics
+from jaxembed import metrics
+from jaxembed.inference import embed
+from jaxembed.eval import evaluate
 
 
 def _unit(angles_degrees):
@@ -69,7 +73,7 @@ def test_cli_on_an_embeddings_file(tmp_path, capsys):
     np.savez(path, paths=np.asarray([f"{name}/{i}.png" for i, name in enumerate(labels)]),
              embeddings=_unit(angles).astype(np.float32), labels=np.asarray(labels))
     out = tmp_path / "metrics.json"
-    assert evaluate.main(["--embeddings", str(path), "--out", str(out), "--episodes", "300"]) == 0
+    assert evaluate_cli.main(["--embeddings", str(path), "--out", str(out), "--episodes", "300"]) == 0
     written = json.loads(out.read_text())
     assert written["num_images"] == 7 and written["num_concepts"] == 3
     assert written["recall@1"] == pytest.approx(6 / 7)
@@ -85,18 +89,18 @@ def test_cli_on_an_embeddings_file(tmp_path, capsys):
 
 def test_cli_needs_images_with_a_workdir(capsys):
     with pytest.raises(SystemExit):
-        evaluate.main(["--workdir", "somewhere"])
+        evaluate_cli.main(["--workdir", "somewhere"])
     assert "--workdir needs --images" in capsys.readouterr().err
 
 
 def test_cli_on_a_workdir_equals_the_cli_on_its_embeddings(tiny_run, tmp_path):
     run = tiny_run  # conftest.py: the session's shared tiny inception_bn run
     images = tiny.write_digits_folder(str(tmp_path / "digits"), step=30)  # 60 images: one batch, a quick test
-    assert evaluate.main(["--workdir", run.workdir, "--images", images, "--out", str(tmp_path / "a.json"),
+    assert evaluate_cli.main(["--workdir", run.workdir, "--images", images, "--out", str(tmp_path / "a.json"),
                           "--episodes", "50"]) == 0
     direct = json.loads((tmp_path / "a.json").read_text())
-    assert embed.main(["--workdir", run.workdir, "--images", images, "--out", str(tmp_path / "e.npz")]) == 0
-    assert evaluate.main(["--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "b.json"),
+    assert embed_cli.main(["--workdir", run.workdir, "--images", images, "--out", str(tmp_path / "e.npz")]) == 0
+    assert evaluate_cli.main(["--embeddings", str(tmp_path / "e.npz"), "--out", str(tmp_path / "b.json"),
                           "--episodes", "50"]) == 0
     via_file = json.loads((tmp_path / "b.json").read_text())
     assert direct["num_images"] == 60 and direct["num_concepts"] == 10

@@ -10,9 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 
+from jaxembed.cli import export as export_cli
+from jaxembed.cli import whitening as whitening_cli
 import jaxembed
 import tiny
-from jaxembed import export
+from jaxembed.inference import export
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def embedder(tiny_run):
 def artefact(tiny_run, tmp_path_factory):
     """Written by the command line, with a symbolic batch dimension."""
     path = str(tmp_path_factory.mktemp("export") / "inception_bn")
-    assert export.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
+    assert export_cli.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
     return path
 
 
@@ -72,7 +74,7 @@ def test_loads_in_a_fresh_process_without_model_code(embedder, artefact, tmp_pat
     script = textwrap.dedent(f"""
         import json, sys
         import numpy as np
-        from jaxembed.export import load_exported
+        from jaxembed.inference.export import load_exported
         embed = load_exported({artefact!r})
         np.save({str(tmp_path / "out.npy")!r}, embed(np.load({str(tmp_path / "images.npy")!r})))
         print(json.dumps(sorted(sys.modules)))
@@ -82,7 +84,7 @@ def test_loads_in_a_fresh_process_without_model_code(embedder, artefact, tmp_pat
     assert result.returncode == 0, result.stderr
     modules = json.loads(result.stdout.strip().splitlines()[-1])
     assert not [m for m in modules if m.split(".")[0] in ("flax", "optax", "orbax", "tensorflow")]
-    assert [m for m in modules if m.startswith("jaxembed")] == ["jaxembed", "jaxembed.export"]
+    assert [m for m in modules if m.startswith("jaxembed")] == ["jaxembed", "jaxembed.inference", "jaxembed.inference.export"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), embedder(images), rtol=1e-5, atol=1e-5)
 
 
@@ -106,12 +108,12 @@ def test_an_export_cut_short_over_an_old_artefact_refuses_to_load(embedder, tmp_
 
 
 def test_an_export_with_a_whitening_gives_the_whitened_embeddings(tiny_run, tmp_path):
-    from jaxembed import whitening
+    from jaxembed.inference import whitening
 
     fitted = str(tmp_path / "whitening.npz")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--out", fitted, "--dims", "4"]) == 0
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--out", fitted, "--dims", "4"]) == 0
     path = str(tmp_path / "whitened")
-    assert export.main(["--workdir", tiny_run.workdir, "--out", path, "--whitening", fitted]) == 0
+    assert export_cli.main(["--workdir", tiny_run.workdir, "--out", path, "--whitening", fitted]) == 0
     embed = export.load_exported(path)
     assert embed.meta["embedding_size"] == 4
     images = random_images(3, seed=7)

@@ -7,9 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from jaxembed.cli import embed as embed_cli
+from jaxembed.cli import export as export_cli
+from jaxembed.cli import whitening as whitening_cli
 import jaxembed
-from jaxembed import embed as embed_lib
-from jaxembed import export, whitening
+from jaxembed.inference import embed as embed_lib
+from jaxembed.inference import export
+from jaxembed.inference import whitening
 
 
 def mirrored(images: np.ndarray) -> np.ndarray:
@@ -68,7 +72,7 @@ def test_an_image_and_its_mirror_image_get_one_embedding(tiny_run):
 def test_the_tools_embed_export_and_whiten_with_it(tiny_run, tmp_path, capsys):
     flipped = jaxembed.load(tiny_run.workdir, flip_average=True)
     npz = str(tmp_path / "flipped.npz")
-    assert embed_lib.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", npz,
+    assert embed_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", npz,
                            "--flip_average"]) == 0
     with np.load(npz) as saved:
         written, paths = saved["embeddings"], saved["paths"]
@@ -78,7 +82,7 @@ def test_the_tools_embed_export_and_whiten_with_it(tiny_run, tmp_path, capsys):
     np.testing.assert_array_equal(written, expected)  # the same compiled batch shape (64): the same bits
 
     path = str(tmp_path / "exported")
-    assert export.main(["--workdir", tiny_run.workdir, "--out", path, "--flip_average"]) == 0
+    assert export_cli.main(["--workdir", tiny_run.workdir, "--out", path, "--flip_average"]) == 0
     exported = export.load_exported(path)
     assert exported.meta["flip_average"] is True
     images = random_images(3, seed=2)
@@ -87,7 +91,7 @@ def test_the_tools_embed_export_and_whiten_with_it(tiny_run, tmp_path, capsys):
 
     # A whitening records whether it was fitted on flip-averaged embeddings, and load checks it.
     fitted = str(tmp_path / "whitening.npz")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--out", fitted, "--dims", "4", "--flip_average"]) == 0
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--out", fitted, "--dims", "4", "--flip_average"]) == 0
     assert whitening.load(fitted).fitted_on["flip_average"] is True
     assert jaxembed.load(tiny_run.workdir, whitening=fitted, flip_average=True)(images).shape == (3, 4)
     with pytest.raises(ValueError, match=r"fitted on other embeddings than .*flip_average True \(now False\).*"
@@ -102,7 +106,7 @@ def test_a_whitening_from_before_the_option_counts_as_fitted_without_it(tmp_path
 
 
 def test_false_is_the_run_s_own_embedding_and_is_not_recorded(tiny_run):
-    from jaxembed import index
+    from jaxembed.search import index
 
     config = jaxembed.load(tiny_run.workdir).config
     assert embed_lib.embedding_changes(config, {"flip_average": False}) == {}

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxembed import cluster, index, search
+from jaxembed.cli import cluster as cluster_cli
+from jaxembed.cli import search as search_cli
+from jaxembed.search import index
+from jaxembed.search import query as search
 
 DIM = 6
 
@@ -84,8 +87,8 @@ def test_a_damaged_chunk_is_refused_naming_the_index_and_the_chunk_file(tmp_path
     with pytest.raises(ValueError, match=message):
         search.Index.load(out)
     # The commands that read an index: a usage error (exit 1) on stderr, nothing searched or clustered.
-    for main, argv in ((search.main, ["--index", out, "--query", out]),
-                       (cluster.main, ["--index", out, "-k", "2", "--out", str(tmp_path / "clusters")])):
+    for main, argv in ((search_cli.main, ["--index", out, "--query", out]),
+                       (cluster_cli.main, ["--index", out, "-k", "2", "--out", str(tmp_path / "clusters")])):
         assert main(argv) == 1
         captured = capsys.readouterr()
         assert captured.out == "" and f"chunk file {chunk}" in captured.err and out in captured.err

@@ -40,7 +40,8 @@ import pytest
 import _multiprocess_worker as worker
 import tiny
 from jaxembed import data as data_lib
-from jaxembed import embed, parallel, rundir, train
+from jaxembed import parallel, rundir, train
+from jaxembed.inference import embed
 from jaxembed.train import loop
 
 NUM_PROCESSES = 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import _experiment_script as experiment_script
-from jaxembed import whitening
+from jaxembed.inference import whitening
 from test_whitening import gaussian_concepts
 
 

@@ -35,6 +35,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxembed.cli import convert_weights as convert_weights_cli
 from jaxembed import models
 from jaxembed.models import pretrained
 
@@ -437,13 +438,13 @@ def test_logits_match_torchvision(arch, torchvision_references):
 @requires_torchvision
 def test_convert_weights_writes_safetensors_that_load_without_torch(torchvision_references, tmp_path):
     pytest.importorskip("safetensors")
-    from jaxembed import convert_weights  # python -m jaxembed.convert_weights
+    from jaxembed.models import convert_weights  # python -m jaxembed.convert_weights
 
     state = torch.load(torchvision_references / "resnet50.pth", weights_only=True)
     # Saved the way training scripts often do: wrapped, with DataParallel's "module." prefix.
     source, destination = tmp_path / "resnet50.pth", tmp_path / "resnet50.safetensors"
     torch.save({"state_dict": {f"module.{key}": value for key, value in state.items()}, "epoch": 90}, source)
-    assert convert_weights.main([str(source), "--arch", "resnet50"]) == 0
+    assert convert_weights_cli.main([str(source), "--arch", "resnet50"]) == 0
 
     from_safetensors = _flat(models.load_pretrained("resnet50", destination, num_classes=NUM_CLASSES))
     expected = _flat(pretrained.variables_from_state_dict("resnet50", state, num_classes=NUM_CLASSES))

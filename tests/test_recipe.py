@@ -461,7 +461,7 @@ def test_a_run_with_ema_is_loaded_and_embedded_through_its_average(tmp_path):
 
 
 def test_held_out_evaluation_uses_the_average(monkeypatch):
-    from jaxembed import embed
+    from jaxembed.inference import embed
     from jaxembed.train import compile_steps
 
     run = prepare_run(tiny.config(ema_decay=0.2), tiny.digits())
@@ -621,11 +621,11 @@ def test_runs_recorded_before_a_default_changed_keep_their_setting(tmp_path):
 
 
 def test_the_bare_commands_cpu_demo_settings_are_valid_and_never_flip(capsys):
-    from jaxembed.train import cli
+    from jaxembed.cli import train as cli
 
     for name in templates.NAMES:
         template = templates.get(name)
-        args = cli.build_parser(template).parse_args(["--template", name])
+        args = cli.build_parser(template.name).parse_args(["--template", name])
         config = template.config_from_args(args, **cli.demo_settings(template, args))
         assert config.flip is False and config.image_size == 32 and config.warmup_epochs == 0.5, name
     assert "demo settings" in capsys.readouterr().out

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxembed import metrics, report
+from jaxembed.cli import report as report_cli
+from jaxembed import metrics
+from jaxembed.eval import report
 
 pytest.importorskip("matplotlib")
 
@@ -82,7 +84,7 @@ def test_report_refuses_data_that_no_longer_holds_the_held_out_images(run, tmp_p
     (workdir / "run.json").write_text(json.dumps({**record, "data": str(data)}))
     with pytest.raises(ValueError, match="split.json does not match the data given"):
         report.heldout_images(str(workdir))
-    assert report.main(["--workdir", str(workdir)]) == 1
+    assert report_cli.main(["--workdir", str(workdir)]) == 1
     assert "jaxembed.report: error: " in capsys.readouterr().err and not (workdir / "report").exists()
 
 
@@ -99,7 +101,7 @@ def check_outputs(paths):
 
 
 def test_report_of_the_held_out_split_from_the_command_line(run, capsys):
-    assert report.main(["--workdir", run.workdir]) == 0
+    assert report_cli.main(["--workdir", run.workdir]) == 0
     paths = report.ReportFiles(*(os.path.join(run.workdir, "report", f"report.{e}") for e in ("png", "html")))
     assert capsys.readouterr().out.split() == ["wrote", paths.png, "wrote", paths.html]
     check_outputs(paths)

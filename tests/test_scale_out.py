@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxembed.cli import train as train_cli
 import jaxembed
 import tiny
 from jaxembed import data as data_lib
@@ -242,5 +243,5 @@ def test_invalid_model_parallelism_is_refused_naming_the_flag(digits, capsys):
     with pytest.raises(ValueError, match=r"model_parallelism=2 shards the ArcFace class centres.*inception_bn"):
         train.prepare_run(inception, digits)
     with pytest.raises(SystemExit):
-        train.main(["--template", "resnet_angular_margin", "--help"])
+        train_cli.main(["--template", "resnet_angular_margin", "--help"])
     assert "--model_parallelism" in capsys.readouterr().out

@@ -25,9 +25,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxembed.cli import cluster as cluster_cli
+from jaxembed.cli import index as index_cli
+from jaxembed.cli import search as search_cli
+from jaxembed.cli import whitening as whitening_cli
 import tiny
 import jaxembed
-from jaxembed import cluster, fileio, gallery, index, metrics, search, topk
+from jaxembed import fileio, metrics
+from jaxembed.search import cluster
+from jaxembed.search import gallery
+from jaxembed.search import index
+from jaxembed.search import query as search
+from jaxembed.search import topk
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -278,7 +287,7 @@ def test_a_crash_mid_index_then_the_same_command_ends_equal(indexed, capsys):
     np.save(leftover, np.zeros((8, tiny.FEATURES), np.float32))
     first_chunk = os.stat(os.path.join(out, recorded[0] + ".npy"))
 
-    assert index.main(args) == 0  # the same command again
+    assert index_cli.main(args) == 0  # the same command again
     summary = json.loads(capsys.readouterr().out)
     assert summary["already_stored"] == 8 * len(recorded) and summary["added"] == 120 - 8 * len(recorded)
     assert os.stat(os.path.join(out, recorded[0] + ".npy")).st_mtime_ns == first_chunk.st_mtime_ns  # not redone
@@ -339,7 +348,7 @@ TAPPED = {"embedding_layer": "conv", "embedding_pooling": "gem"}  # the tiny bac
 
 def test_an_index_read_from_another_block_records_it_and_search_embeds_queries_the_same_way(indexed, capsys):
     out, sevens = str(indexed["base"] / "tapped"), os.path.join(indexed["images"], "7")
-    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+    assert index_cli.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
                        "--embedding_layer", "conv", "--embedding_pooling", "gem"]) == 0
     capsys.readouterr()
     stored = index.read_index(out)
@@ -365,14 +374,14 @@ def test_an_index_read_from_another_block_records_it_and_search_embeds_queries_t
 
 def test_an_index_made_with_a_whitening_records_its_path_and_search_projects_queries_by_it(indexed, capsys,
                                                                                           monkeypatch):
-    from jaxembed import whitening
+    from jaxembed.inference import whitening
 
     fitted = str(indexed["base"] / "whitening.npz")
-    assert whitening.main(["--workdir", indexed["workdir"], "--images", indexed["images"], "--out", fitted,
+    assert whitening_cli.main(["--workdir", indexed["workdir"], "--images", indexed["images"], "--out", fitted,
                            "--dims", "4"]) == 0
     out, sevens = str(indexed["base"] / "whitened"), os.path.join(indexed["images"], "7")
     monkeypatch.chdir(indexed["base"])  # a relative --whitening is recorded by its absolute path
-    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+    assert index_cli.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
                        "--whitening", "whitening.npz"]) == 0
     capsys.readouterr()
     stored = index.read_index(out)
@@ -385,7 +394,7 @@ def test_an_index_made_with_a_whitening_records_its_path_and_search_projects_que
 
 def test_an_index_made_with_flip_averaging_records_it_and_search_averages_queries_too(indexed, capsys):
     out, sevens = str(indexed["base"] / "flip_averaged"), os.path.join(indexed["images"], "7")
-    assert index.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
+    assert index_cli.main(["--workdir", indexed["workdir"], "--images", sevens, "--out", out, *SMALL_CHUNKS,
                        "--flip_average"]) == 0
     capsys.readouterr()
     stored = index.read_index(out)
@@ -400,7 +409,7 @@ def test_an_index_made_with_flip_averaging_records_it_and_search_averages_querie
 
 def test_search_command_prints_json_and_writes_the_page(indexed, capsys):
     page = str(indexed["base"] / "search.html")
-    assert search.main(["--index", indexed["index"], "--query", os.path.join(indexed["images"], "7"), "-k", "5",
+    assert search_cli.main(["--index", indexed["index"], "--query", os.path.join(indexed["images"], "7"), "-k", "5",
                         "--json", "--html", page]) == 0
     results = json.loads(capsys.readouterr().out)
     assert len(results) == 12 and all(len(r["results"]) == 5 for r in results)
@@ -421,7 +430,7 @@ def test_search_command_prints_json_and_writes_the_page(indexed, capsys):
 
 def test_search_command_with_k_larger_than_the_index_returns_every_image_with_a_note(indexed, capsys):
     query = os.path.join(indexed["images"], "7", sorted(os.listdir(os.path.join(indexed["images"], "7")))[0])
-    assert search.main(["--index", indexed["index"], "--query", query, "-k", "121", "--json"]) == 0
+    assert search_cli.main(["--index", indexed["index"], "--query", query, "-k", "121", "--json"]) == 0
     captured = capsys.readouterr()
     assert "note: -k 121 is more than the 120 indexed images: returning all 120" in captured.err
     (entry,) = json.loads(captured.out)
@@ -445,14 +454,14 @@ def test_search_of_an_empty_index_is_refused(indexed, capsys):
     empty.mkdir()
     meta = index.read_meta(indexed["index"])
     fileio.write_json(str(empty / index.META), {**meta, "chunks": [], "count": 0, "bad_files": {}})
-    assert search.main(["--index", str(empty), "--query", os.path.join(indexed["images"], "7")]) == 1
+    assert search_cli.main(["--index", str(empty), "--query", os.path.join(indexed["images"], "7")]) == 1
     captured = capsys.readouterr()
     assert captured.out == "" and "python -m jaxembed.search: error: the index is empty" in captured.err
 
 
 def test_cluster_command_writes_assignments_and_contact_sheets(indexed, capsys):
     out = str(indexed["base"] / "clusters")
-    assert cluster.main(["--index", indexed["index"], "-k", "4", "--out", out]) == 0
+    assert cluster_cli.main(["--index", indexed["index"], "-k", "4", "--out", out]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["k"] == 4 and sum(summary["sizes"]) == 120
     # The printed scores are the clusters.csv assignment's, scored against the indexed labels.

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxembed.cli import train as train_cli
 import jaxembed
 import tiny
 from jaxembed import data as data_lib
@@ -115,7 +116,7 @@ def test_sigterm_saves_and_the_resumed_run_equals_the_uninterrupted_one(inceptio
     monkeypatch.setattr(loop, "training_batches", batches_then_sigterm)
     first = train.train_and_evaluate(tiny.config("inception_bn"), str(tmp_path), data=digits)
     assert first["stopped_by"] == "SIGTERM" and not first["finished"] and first["step"] == 2
-    assert train.exit_status(first) == 143
+    assert train_cli.exit_status(first) == 143
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     monkeypatch.setattr(loop, "training_batches", original)
     second = train.train_and_evaluate(tiny.config("inception_bn"), str(tmp_path), data=digits)
@@ -245,11 +246,11 @@ def test_embedder_on_a_trained_run(inception_run):
 
 
 def test_command_line_errors_name_the_flag(capsys):
-    assert train.main(["--template", "inception_bn", "--image_size", "40", "--no_progress"]) == 2
+    assert train_cli.main(["--template", "inception_bn", "--image_size", "40", "--no_progress"]) == 2
     assert "image_size=40" in capsys.readouterr().err
-    assert train.main(["--template", "inception_bn", "--optimizer", "adam", "--no_progress"]) == 2
+    assert train_cli.main(["--template", "inception_bn", "--optimizer", "adam", "--no_progress"]) == 2
     assert "optimizer='adam' is invalid: expected one of sgd, adamw" in capsys.readouterr().err
-    assert train.main(["--template", "inception_bn", "--data_workers", "-1", "--no_progress"]) == 2
+    assert train_cli.main(["--template", "inception_bn", "--data_workers", "-1", "--no_progress"]) == 2
     assert "data_workers=-1" in capsys.readouterr().err
 
 

@@ -8,9 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
+from jaxembed.cli import embed as embed_cli
+from jaxembed.cli import whitening as whitening_cli
 import jaxembed
-from jaxembed import embed as embed_lib
-from jaxembed import whitening
+from jaxembed.inference import embed as embed_lib
+from jaxembed.inference import whitening
 
 
 def gaussian_concepts(rng, sizes=(40, 55, 70), dims=5):
@@ -70,7 +72,7 @@ def test_it_refuses_what_it_cannot_fit():
 
 def test_the_command_fits_the_run_and_load_projects_by_it(tiny_run, tmp_path, capsys):
     path = str(tmp_path / "whitening.npz")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", path, "--dims", "4"]) == 0
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", path, "--dims", "4"]) == 0
     assert f"wrote {path}: 180 images of 10 concepts" in capsys.readouterr().out
     saved = whitening.load(path)
     assert saved.fitted_on["step"] == tiny_run.summary["step"] and saved.projection.shape[1] == 4
@@ -84,7 +86,7 @@ def test_the_command_fits_the_run_and_load_projects_by_it(tiny_run, tmp_path, ca
     np.testing.assert_allclose(whitened, by_hand / np.linalg.norm(by_hand, axis=1, keepdims=True), rtol=0, atol=5e-7)
 
     npz = str(tmp_path / "embeddings.npz")
-    assert embed_lib.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", npz,
+    assert embed_cli.main(["--workdir", tiny_run.workdir, "--images", tiny_run.images, "--out", npz,
                            "--whitening", path]) == 0
     with np.load(npz) as written:
         assert written["embeddings"].shape == (180, 4)
@@ -92,7 +94,7 @@ def test_the_command_fits_the_run_and_load_projects_by_it(tiny_run, tmp_path, ca
 
 def test_load_refuses_a_whitening_fitted_on_other_embeddings(tiny_run, tmp_path, capsys):
     path = str(tmp_path / "whitening.npz")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--out", path]) == 0
     # By default it fits on what the run trained on: its 180 images less the 18 held out.
     assert f"wrote {path}: 162 images of 10 concepts" in capsys.readouterr().out
     with pytest.raises(ValueError, match=rf"{path} was fitted on other embeddings than .*embedding_layer None "
@@ -114,11 +116,11 @@ def test_the_command_refuses_bad_dims_and_too_few_concepts_before_embedding(tiny
         raise AssertionError("the images were embedded before the settings were checked")
 
     monkeypatch.setattr(embed_lib, "embed_dataset", forward_pass)
-    assert whitening.main(["--workdir", tiny_run.workdir, "--out", str(path), "--dims", str(dim + 1)]) == 1
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--out", str(path), "--dims", str(dim + 1)]) == 1
     assert f"jaxembed.whitening: error: --dims {dim + 1}: must be between 1 and the embedding's dimension {dim}" \
         in capsys.readouterr().err
     one_concept = tmp_path / "one_concept"
     shutil.copytree(os.path.join(tiny_run.images, sorted(os.listdir(tiny_run.images))[0]), one_concept / "only")
-    assert whitening.main(["--workdir", tiny_run.workdir, "--out", str(path), "--images", str(one_concept)]) == 1
+    assert whitening_cli.main(["--workdir", tiny_run.workdir, "--out", str(path), "--images", str(one_concept)]) == 1
     assert "two or more concepts with two or more images each (got 1 concepts, 1 with" in capsys.readouterr().err
     assert not path.exists()  # nothing half-written

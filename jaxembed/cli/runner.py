@@ -1,7 +1,8 @@
-"""What every `python -m jaxembed.<tool>` entry point does with an error: one line on stderr, an exit status.
+"""What every command does with an error: one line `<prog>: error: ...` on stderr, and an exit status.
 
-Exit status 1: bad input (a missing file, a bad parameter: `FileNotFoundError`, `ValueError`).
-Exit status 2: the output directory is locked by another writer (`fileio.DirectoryBusy`).
+Exit status 1: bad input (a missing file, a bad parameter: `FileNotFoundError`, `ValueError`, and what a
+command adds). Exit status 2: a usage error (argparse's own, or `UsageError`), or the output directory is
+locked by another writer (`fileio.DirectoryBusy`). 130 (143): interrupted by SIGINT (SIGTERM).
 Anything else is a bug and keeps its traceback.
 """
 
@@ -14,8 +15,13 @@ import sys
 from collections.abc import Callable
 
 from jaxembed.fileio import DirectoryBusy
+from jaxembed.inference import EMBEDDING_SETTINGS
 
-BAD_INPUT, BUSY = 1, 2
+BAD_INPUT, BUSY, USAGE, INTERRUPTED = 1, 2, 2, 130
+
+
+class UsageError(Exception):
+    """Settings that cannot run together, found after parsing (exit status 2, as argparse's own)."""
 
 
 def setup_logging(format: str = "%(levelname)s %(name)s: %(message)s") -> None:
@@ -29,24 +35,25 @@ def setup_logging(format: str = "%(levelname)s %(name)s: %(message)s") -> None:
         logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
-def run_tool(prog: str, work: Callable[[], None]) -> int:
-    """Runs `work()` and returns the exit status, printing `prog: error: ...` on a known failure."""
-    setup_logging()
+def run_tool(prog: str, work: Callable[[], int | None], *, bad_input: tuple[type[BaseException], ...] = (),
+             log_format: str = "%(levelname)s %(name)s: %(message)s") -> int:
+    """Runs `work()` and returns the exit status (its own, or 0), printing `prog: error: ...` on a known
+    failure. `bad_input`: exception types that, besides `FileNotFoundError` and `ValueError`, are bad input."""
+    setup_logging(log_format)
     try:
-        work()
+        return work() or 0
     except DirectoryBusy as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return BUSY
-    except (FileNotFoundError, ValueError) as error:
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return USAGE
+    except (FileNotFoundError, ValueError, *bad_input) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return BAD_INPUT
-    return 0
-
-
-# `jaxembed.load`'s keywords (and the tools' flags) that choose how a run's embedding is read: a classifier's
-# from another block or pooling, a learned whitening fitted on the run's embeddings, and the average with
-# each image's mirror image.
-EMBEDDING_SETTINGS = ("embedding_layer", "embedding_pooling", "whitening", "flip_average")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 def add_embedding_arguments(parser: argparse.ArgumentParser, *, whitening: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""The command line: `python -m jaxembed.train --template NAME [--data SOURCE] [--workdir DIR] [--<setting> VALUE ...]`."""
+"""The trainer's command: `python -m jaxembed.train --template NAME [--data SOURCE] [--workdir DIR] [--<setting> VALUE ...]`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from collections.abc import Mapping
 
 import jax
 
-from jaxembed import cli as tool_cli
-from jaxembed import fileio, parallel, templates
-from jaxembed.train.hooks import TrainingStopped
-from jaxembed.train.loop import train_and_evaluate
+from jaxembed import parallel, templates
+from jaxembed.cli import runner
+from jaxembed.train import TrainingStopped, train_and_evaluate
+
+PROG = "python -m jaxembed.train"
 
 # Settings for the bare command on a CPU, where the template defaults (224 px, 30 epochs of a
 # 100-layer network) would take days. Flags given by the user override them.
@@ -34,9 +35,11 @@ CPU_DEMO = {
 CPU_DEMO_SHARED = {"image_size": 32, "batch_size": 32, "step_epochs": 1, "min_crop_area": 0.7, "warmup_epochs": 0.5}
 
 
-def build_parser(template: templates.Template) -> argparse.ArgumentParser:
+def build_parser(template_name: str = "inception_bn", prog: str = PROG) -> argparse.ArgumentParser:
+    """The parser of the template named `template_name`: its hyperparameters are the flags."""
+    template = templates.get(template_name)
     parser = argparse.ArgumentParser(
-        prog="python -m jaxembed.train", description=f"Train the {template.name} template: {template.description}.")
+        prog=prog, description=f"Train the {template.name} template: {template.description}.")
     parser.add_argument("--template", required=True, choices=templates.NAMES)
     parser.add_argument("--data", default=None,
                         help="a folder of concept sub-folders, a .csv/.jsonl manifest, or tfds:NAME[:SPLIT] "
@@ -65,35 +68,31 @@ def demo_settings(template: templates.Template, args: argparse.Namespace) -> dic
     return demo
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = PROG) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    tool_cli.setup_logging("%(asctime)s %(levelname)s %(name)s: %(message)s")
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--template", choices=templates.NAMES)
     known, _ = pre.parse_known_args(argv)
     if known.template is None:
-        build_parser(templates.get("inception_bn")).parse_args(argv)  # prints usage and the error
-        return 2
+        build_parser(prog=prog).parse_args(argv)  # prints usage and the error
+        return runner.USAGE
     template = templates.get(known.template)
-    args = build_parser(template).parse_args(argv)
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    try:
-        config = template.config_from_args(args, **demo_settings(template, args))
-    except ValueError as error:
-        print(f"jaxembed.train: error: {error}", file=sys.stderr)
-        return 2
-    workdir = args.workdir or os.path.join("runs", template.name)
-    try:
+    args = build_parser(template.name, prog).parse_args(argv)
+
+    def work() -> int:
+        parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        try:
+            config = template.config_from_args(args, **demo_settings(template, args))
+        except ValueError as error:
+            raise runner.UsageError(error) from error
+        workdir = args.workdir or os.path.join("runs", template.name)
         summary = train_and_evaluate(config, workdir, data_spec=args.data)
-    except fileio.DirectoryBusy as error:
-        print(f"jaxembed.train: error: {error}", file=sys.stderr)
-        return 2
-    except (TrainingStopped, ValueError, FileNotFoundError) as error:
-        print(f"jaxembed.train: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps({k: v for k, v in summary.items() if k != "bad_files"}, indent=2))
-    print(f"workdir: {workdir}")
-    return exit_status(summary)
+        print(json.dumps({k: v for k, v in summary.items() if k != "bad_files"}, indent=2))
+        print(f"workdir: {workdir}")
+        return exit_status(summary)
+
+    return runner.run_tool(prog, work, bad_input=(TrainingStopped,),
+                           log_format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def exit_status(summary: Mapping) -> int:

@@ -17,19 +17,19 @@ Needs matplotlib (`pip install matplotlib`).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import logging
 import os
-import sys
 from typing import NamedTuple
 
 import numpy as np
 
 from jaxembed import data as data_lib
-from jaxembed import cli, embed, evaluate, fileio, rundir
+from jaxembed import fileio, rundir
+from jaxembed.eval import evaluate
+from jaxembed.inference import embed
 from jaxembed import metrics as metrics_lib
 
 log = logging.getLogger("jaxembed.report")
@@ -355,28 +355,3 @@ img {{ max-width: 100%; }}
 green frames show the query's concept, red ones another.</p>
 </body></html>
 """
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.report",
-                                     description="Write a PNG + HTML report of a training run.")
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--images", default=None, help="images to show: a folder, manifest, tfds:NAME[:SPLIT] or "
-                                                       "'default' (default: the run's held-out split)")
-    parser.add_argument("--out_dir", default=None, help="where to write (default: WORKDIR/report)")
-    parser.add_argument("--max_images", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    try:
-        paths = write_report(args.workdir, images_source=args.images, out_dir=args.out_dir,
-                             max_images=args.max_images, seed=args.seed)
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        print(f"jaxembed.report: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {paths.png}\nwrote {paths.html}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

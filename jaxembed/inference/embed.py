@@ -1,4 +1,4 @@
-"""The functional embed API (`jaxembed.load`) and `python -m jaxembed.embed`.
+"""The functional embed API (`jaxembed.load`); its command is `python -m jaxembed.embed` (`jaxembed.cli.embed`).
 
     embedder = jaxembed.load("runs/inception_bn")
     vectors = embedder(images)                        # uint8 HxWx3 arrays -> (N, D) unit vectors
@@ -12,10 +12,8 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,8 +25,9 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxembed import data as data_lib
-from jaxembed import cli, fileio, losses, parallel, rundir, tasks, templates
-from jaxembed import whitening as whitening_lib
+from jaxembed import losses, parallel, rundir, tasks, templates
+from jaxembed.inference import EMBEDDING_SETTINGS
+from jaxembed.inference import whitening as whitening_lib
 
 log = logging.getLogger("jaxembed.embed")
 
@@ -102,7 +101,6 @@ class Embedder:
 
 # The settings that choose a classifier's embedding without changing its parameters (`models.taps`);
 # spelled in `cli`, which the command-line tools import without the model code.
-EMBEDDING_SETTINGS = cli.EMBEDDING_SETTINGS
 # Those that no run has of its own (applied to a model's outputs, not read from its config), with the
 # value that applies nothing.
 APPLIED_TO_OUTPUTS = {"whitening": None, "flip_average": False}
@@ -252,34 +250,3 @@ def embed_dataset(apply_fn: Callable, variables, images, *, image_size: int, bat
     real = joined.pop("mask").astype(bool)
     order = np.argsort(joined["index"][real], kind="stable")
     return {name: value[real][order] for name, value in joined.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.embed", description="Embed a folder of images.")
-    parser.add_argument("--workdir", required=True, help="a training workdir")
-    parser.add_argument("--images", required=True, help="a folder of images (concept sub-folders give labels)")
-    parser.add_argument("--out", required=True, help="the .npz file to write")
-    parser.add_argument("--batch_size", type=int, default=64)
-    cli.add_embedding_arguments(parser)
-    args = parser.parse_args(argv)
-    cli.setup_logging()
-    try:
-        embedder = load(args.workdir, **cli.embedding_arguments(args))
-        images = data_lib.load_source(args.images)
-        outputs = embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
-                                batch_size=args.batch_size, progress=True)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"jaxembed.embed: error: {error}", file=sys.stderr)
-        return 1
-    for bad in images.bad_files:
-        log.warning("skipped %s: %s", bad.path, bad.reason)
-    paths = np.asarray(images.item_names)[outputs["index"]]
-    labels = np.asarray(images.concepts)[images.primary_labels[outputs["index"]]]
-    with fileio.atomic_file(args.out) as f:  # a crash never leaves half an .npz under the real name
-        np.savez(f, paths=paths, embeddings=outputs["embedding"], labels=labels)
-    print(f"wrote {len(paths)} embeddings to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,11 +21,9 @@ are installed (copy this file, or `pip install jaxembed` without using its model
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Callable
 
 import jax
@@ -152,30 +150,3 @@ def load_exported(path: str) -> Callable[[np.ndarray], np.ndarray]:
 
     embed.meta = meta
     return embed
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxembed.export",
-        description="Export a trained embedder as StableHLO plus variables, loadable with only jax and numpy.")
-    parser.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is exported)")
-    parser.add_argument("--out", required=True, help="the directory to write")
-    parser.add_argument("--batch_size", type=int, default=None, help="fix the batch size (default: any)")
-    from jaxembed import cli  # imported here, as fileio above: load_exported runs without jaxembed
-    from jaxembed.embed import load  # the model code is needed to export, never to load
-
-    cli.add_embedding_arguments(parser)
-    args = parser.parse_args(argv)
-
-    try:
-        embedder = load(args.workdir, **cli.embedding_arguments(args))
-        export_embedder(embedder, args.out, batch_size=args.batch_size)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"jaxembed.export: error: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {args.workdir} ({embedder.config.template.name}, {embedder.image_size}px) to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

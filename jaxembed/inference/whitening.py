@@ -1,4 +1,4 @@
-"""Learned whitening of a run's embeddings, fitted on labelled images, and `python -m jaxembed.whitening`.
+"""Learned whitening of a run's embeddings, fitted on labelled images (the command: `python -m jaxembed.whitening`).
 
     python -m jaxembed.whitening --workdir runs/omniglot [--images FOLDER] [--dims 64 --shrinkage 1]
     embedder = jaxembed.load("runs/omniglot", whitening="runs/omniglot/whitening.npz")
@@ -19,15 +19,12 @@ alphabets it raised MAP@R and one-shot accuracy a little (README; experiments/om
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
-import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio, losses
+from jaxembed import fileio, losses
 
 FORMAT = "jaxembed-whitening/1"
 # Chosen on Omniglot's validation alphabet (experiments/omniglot_whitening.py): of its grid, the setting whose
@@ -133,51 +130,3 @@ def load(path: str) -> Whitening:
         raise FileNotFoundError(f"{path}: no such whitening file (write one with python -m jaxembed.whitening)") from None
     except (OSError, KeyError, EOFError) as error:
         raise ValueError(f"{path}: not a whitening written by python -m jaxembed.whitening ({error})") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.whitening", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint embeds)")
-    parser.add_argument("--images", help="labelled images to fit on, as for jaxembed.train's --data (default: the "
-                                         "images the run trained on, its held-out ones left out)")
-    parser.add_argument("--out", help="the .npz to write (default: WORKDIR/whitening.npz)")
-    parser.add_argument("--dims", type=int, default=DIMS, help=f"dimensions kept (default {DIMS}; chosen on Omniglot)")
-    parser.add_argument("--shrinkage", type=float, default=SHRINKAGE,
-                        help="added to the within-concept covariance, in units of its mean eigenvalue "
-                             f"(default {SHRINKAGE:g})")
-    parser.add_argument("--batch_size", type=int, default=64)
-    cli.add_embedding_arguments(parser, whitening=False)
-    args = parser.parse_args(argv)
-    if args.shrinkage < 0:
-        parser.error(f"--shrinkage must be >= 0 (got {args.shrinkage:g})")
-    out = args.out or os.path.join(args.workdir, "whitening.npz")
-
-    def work():
-        from jaxembed import data as data_lib
-        from jaxembed import embed, rundir
-
-        embedder = embed.load(args.workdir, **cli.embedding_arguments(args))
-        if args.images:
-            images = data_lib.load_source(args.images)
-        else:
-            run = rundir.RunDir(args.workdir)
-            images = run.trained_on(run.data())
-        # Checked before the forward pass, which takes minutes.
-        check_dims(args.dims, embedder.embedding_dim)
-        check_concepts(images.primary_labels)
-        outputs = embed.embed_dataset(embedder.apply_fn, embedder.variables, images, image_size=embedder.image_size,
-                                      batch_size=args.batch_size, progress=True)
-        concepts = images.primary_labels[outputs["index"]]
-        whitening = fit(outputs["embedding"], concepts, dims=args.dims, shrinkage=args.shrinkage,
-                        step=embedder.step, workdir=os.path.abspath(args.workdir),
-                        images_source=os.path.abspath(args.images) if args.images else "the run's training images",
-                        **embed.embedding_of(embedder.config, flip_average=embedder.flip_average))
-        save(whitening, out)
-        print(f"wrote {out}: {whitening.fitted_on['images']} images of {whitening.fitted_on['concepts']} concepts, "
-              f"{whitening.projection.shape[0]} -> {whitening.fitted_on['dims']} dimensions")
-
-    return cli.run_tool("jaxembed.whitening", work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,17 +12,12 @@ here, not later. Every error names the file it is about; the exit status is then
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio, models
+from jaxembed import fileio
 from jaxembed.models import pretrained
-
-PROG = "python -m jaxembed.convert_weights"
-
 
 def convert(source: str, destination: str, arch: str | None = None) -> dict[str, np.ndarray]:
     """Writes `source`'s state dict to `destination` as safetensors and returns it (name -> array).
@@ -62,28 +57,7 @@ def convert(source: str, destination: str, arch: str | None = None) -> dict[str,
     return state
 
 
-def _naming(error: BaseException, *paths: str) -> str:
+def naming(error: BaseException, *paths: str) -> str:
     """The error's message, prefixed with the file when the message does not already name one."""
     message = str(error) or type(error).__name__
     return message if any(path in message for path in paths) else f"{paths[0]}: {message}"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("source", help="a .pth state dict (torchvision, or the BN-Inception port)")
-    parser.add_argument("--out", default=None, help="output .safetensors file (default: beside the source)")
-    parser.add_argument("--arch", choices=models.ARCHS, default=None, help="check the weights against this arch")
-    args = parser.parse_args(argv)
-    destination = args.out or os.path.splitext(args.source)[0] + ".safetensors"
-    try:
-        state = convert(args.source, destination, args.arch)
-    except (ValueError, ImportError, OSError) as error:
-        print(f"{PROG}: error: {_naming(error, args.source, destination)}", file=sys.stderr)
-        return cli.BAD_INPUT
-    size_mb = sum(value.nbytes for value in state.values()) / 2**20
-    print(f"wrote {destination}: {len(state)} tensors, {size_mb:.1f} MiB")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

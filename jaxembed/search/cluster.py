@@ -16,18 +16,16 @@ images, where full k-means would take too long on a CPU).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import csv
 import io
-import json
 import os
-import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio, gallery, metrics
-from jaxembed.index import read_index
+from jaxembed import fileio, metrics
+from jaxembed.search import gallery
+from jaxembed.search.index import read_index
 
 MINIBATCH_ABOVE = 200_000
 
@@ -103,25 +101,3 @@ def cluster_index(index_dir: str, k: int, *, out: str | None = None, seed: int =
             png = gallery.contact_sheet([stored.paths[i] for i in nearest], caption=caption, size=thumbnail)
             fileio.write_bytes(os.path.join(out, f"cluster-{cluster:03d}.png"), png)
     return {**summary, "out": out}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.cluster", description="Cluster the images of an index.")
-    parser.add_argument("--index", required=True, help="an index directory (python -m jaxembed.index)")
-    parser.add_argument("-k", type=int, required=True, help="the number of clusters")
-    parser.add_argument("--out", help="output directory (default INDEX/clusters-K)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sheet_size", type=int, default=100, help="the most thumbnails per contact sheet")
-    args = parser.parse_args(argv)
-
-    def work() -> None:
-        summary = cluster_index(args.index, args.k, out=args.out, seed=args.seed, sheet_size=args.sheet_size)
-        print(json.dumps({key: summary[key] for key in ("out", "k")} | {
-            "sizes": [c["size"] for c in summary["clusters"]]} | {
-            key: summary[key] for key in ("scores",) if key in summary}))
-
-    return cli.run_tool(parser.prog, work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,18 +25,15 @@ An index belongs to one run and checkpoint: adding with another is refused, nami
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
-import sys
 
 import numpy as np
 
-from jaxembed import cli, fileio
+from jaxembed import fileio
 
 log = logging.getLogger("jaxembed.index")
 
@@ -226,7 +223,8 @@ def build_index(workdir: str, images: str, out: str, *, batch_size: int = 64,
 def load_run(workdir: str, **embedding: str):
     """`(Embedder, RunId)` of the newest checkpoint of `workdir`, read with the `embedding` settings."""
     import jaxembed
-    from jaxembed import embed, rundir
+    from jaxembed import rundir
+    from jaxembed.inference import embed
 
     step = latest_step(workdir)
     embedding = embed.embedding_changes(rundir.RunDir(workdir).config(), embedding)
@@ -310,27 +308,3 @@ def _record(out: str, meta: dict, **changes) -> dict:
     meta = {**meta, **changes}
     fileio.write_json(os.path.join(out, META), meta)
     return meta
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.index", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="the training workdir whose newest checkpoint embeds")
-    parser.add_argument("--images", required=True, help="a folder of images (concept sub-folders optional) or a .csv/.jsonl manifest")
-    parser.add_argument("--out", required=True, help="the index directory (created, or added to)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="images per chunk file (a multiple of batch_size)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    cli.add_embedding_arguments(parser)
-    args = parser.parse_args(argv)
-
-    def work() -> None:
-        summary = build_index(args.workdir, args.images, args.out, batch_size=args.batch_size,
-                              chunk_size=args.chunk_size, progress=not args.no_progress,
-                              embedding=cli.embedding_arguments(args))
-        print(json.dumps(summary))
-
-    return cli.run_tool(parser.prog, work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

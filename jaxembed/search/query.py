@@ -15,18 +15,15 @@ use, held by the `Index`; `pip install 'jaxembed[search]'`).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 
-from jaxembed import ann, cli, fileio, gallery, topk
-from jaxembed.index import RunId, collection_labels, read_index
+from jaxembed.search import ann, topk
+from jaxembed.search.index import RunId, collection_labels, read_index
 
 QUERY_BATCH = 1024  # queries per compiled search call (fewer are padded to a power of two)
 
@@ -212,33 +209,3 @@ def format_results(results: list[dict]) -> str:
         lines += [f"  {hit['rank']:3d}  {hit['score']:.4f}  {hit['path']}  {hit['label'] or ''}".rstrip()
                   for hit in entry["results"]]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxembed.search", description="Search an index with query images.")
-    parser.add_argument("--index", required=True, help="an index directory (python -m jaxembed.index)")
-    parser.add_argument("--query", required=True, help="an image file, or a folder/manifest of images")
-    parser.add_argument("-k", type=int, default=10, help="results per query")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--html", help="also write an HTML page of the queries and their results here")
-    parser.add_argument("--exclude_self", action="store_true", help="leave out the query image itself")
-    parser.add_argument("--approximate", action="store_true",
-                        help="approximate search: lax.approx_max_k on TPU, a faiss HNSW graph elsewhere")
-    args = parser.parse_args(argv)
-
-    def work() -> None:
-        index = Index.load(args.index)
-        if args.k > len(index) > 0:
-            print(f"{parser.prog}: note: -k {args.k} is more than the {len(index)} indexed images: "
-                  f"returning all {len(index)}", file=sys.stderr)
-        results = search_images(index, args.query, args.k, exclude_self=args.exclude_self,
-                                approximate=args.approximate)
-        if args.html:
-            fileio.write_bytes(args.html, gallery.search_page(results).encode())
-        print(json.dumps(results, indent=1) if args.json else format_results(results))
-
-    return cli.run_tool(parser.prog, work)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,6 @@
     prepare.py  a run's fixed parts from config and data: split, task, model, schedule, mesh
     hooks.py    what the loop calls: stop signals, the NaN check, metric logging, progress
     loop.py     train_and_evaluate: resume, train, checkpoint, evaluate, summarise
-    cli.py      the command line
 
 The train state is one pytree; the steps are pure functions compiled once with `jax.jit` over a
 `("data", "model")` mesh (`jaxembed.parallel`): the batch is split over all devices, the state
@@ -13,7 +12,6 @@ replicated except the ArcFace class centres and their optimiser state with `mode
 Every file of the run directory is read and written through `jaxembed.rundir`.
 """
 
-from jaxembed.train.cli import exit_status, main
 from jaxembed.train.hooks import TrainingStopped
 from jaxembed.train.loop import evaluate_run, train_and_evaluate, training_batches
 from jaxembed.train.prepare import Run, prepare_run
@@ -21,5 +19,5 @@ from jaxembed.train.state import TrainState, build_optimizer, init_state
 from jaxembed.train.steps import Steps, compile_steps, eval_step, train_step
 
 __all__ = ["Run", "Steps", "TrainState", "TrainingStopped", "build_optimizer", "compile_steps", "eval_step",
-           "evaluate_run", "exit_status", "init_state", "main", "prepare_run", "train_and_evaluate", "train_step",
+           "evaluate_run", "init_state", "prepare_run", "train_and_evaluate", "train_step",
            "training_batches"]

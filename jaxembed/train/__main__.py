@@ -1,7 +1,7 @@
 import os
 import sys
 
-from jaxembed.train.cli import main
+from jaxembed.cli.train import main
 
 code = main()
 if code == 2:

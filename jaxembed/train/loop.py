@@ -13,7 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxembed import data as data_lib
-from jaxembed import embed, evaluate, metrics, models, parallel, rundir, templates
+from jaxembed import metrics, models, parallel, rundir, templates
+from jaxembed.eval import evaluate
+from jaxembed.inference import embed
 from jaxembed.train import hooks
 from jaxembed.train.prepare import Run, prepare_run
 from jaxembed.train.state import TrainState

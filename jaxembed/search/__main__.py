@@ -1,0 +1,5 @@
+import sys
+
+from jaxembed.cli.search import main
+
+sys.exit(main())
