@@ -24,6 +24,7 @@ RESULT_FILES = ("*.png", "*.html", "curves/*.png")
 
 CLI_MARKER = "<!-- jaxembed:cli -->"
 HPARAMS_MARKER = "<!-- jaxembed:hyperparameters -->"
+SHOWN_TEMPLATE = "inception_bn"  # the template of the README's first command
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -105,19 +106,28 @@ def cli_reference() -> str:
         lines = [f"## `{name}`", "",
                  f"`jaxembed {name} ...` or `python -m jaxembed.{name} ...` (module `{module_path}`).", ""]
         if name == "train":
-            parser = _parser(name, module_path, template_name=templates.NAMES[0])
+            shown = SHOWN_TEMPLATE
+            parser = _parser(name, module_path, template_name=shown)
             if parser.description:
-                lines += [_cell(parser.description).replace(f"the {templates.NAMES[0]} template", "a template"), ""]
-            lines += ["Shown for `--template " + templates.NAMES[0] + "`; each template adds its own "
-                      "hyperparameters (the flags below that differ between templates are listed after the "
-                      "table, and all of them with their ranges in [Hyperparameters](hyperparameters.md)).", "",
-                      flag_table(parser), ""]
+                lines += [_cell(parser.description), ""]
+            lines += [f"Shown for `--template {shown}`; each template has its own hyperparameters (the flags that "
+                      "differ are listed after the table; all of them, with their ranges, in "
+                      "[Hyperparameters](hyperparameters.md)).", "", flag_table(parser), ""]
             base = {option for action in parser._actions for option in action.option_strings}
-            for other in templates.NAMES[1:]:
-                extra = [option for action in _parser(name, module_path, template_name=other)._actions
-                         for option in action.option_strings if option not in base]
+            for other in templates.NAMES:
+                if other == shown:
+                    continue
+                flags = {option for action in _parser(name, module_path, template_name=other)._actions
+                         for option in action.option_strings}
+                extra, missing = sorted(flags - base), sorted(base - flags)
+                text = f"`--template {other}`"
+                if not extra and not missing:
+                    text += " takes the same flags"
                 if extra:
-                    lines += [f"`--template {other}` also takes: " + ", ".join(f"`{o}`" for o in extra) + ".", ""]
+                    text += " also takes " + ", ".join(f"`{o}`" for o in extra)
+                if missing:
+                    text += (" and" if extra else "") + " has no " + ", ".join(f"`{o}`" for o in missing)
+                lines += [text + ".", ""]
         else:
             parser = _parser(name, module_path)
             if parser.description:
