@@ -2,9 +2,9 @@
 
 Each `python -m jaxembed.NAME ...` and `jaxembed NAME ...` inside code (fenced blocks and inline code) of
 README.md and docs/**/*.md is checked against that command's own parser (`jaxembed.cli.COMMANDS[NAME]`'s
-`build_parser()`; for train, the parser of the template given by `--template`): the command exists, every
-flag is one the parser accepts, and a literal value of a flag with choices is one of them. Parsing only,
-nothing runs.
+`build_parser()`; for train, the parser of the template given by `--template`): the command exists (and,
+for `python -m`, its module runs), every flag is one the parser accepts, and a literal value converts as
+the parser converts it and lies in its choices (train: the template's range). Parsing only, nothing runs.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import importlib.util
 import pathlib
 import re
 import shlex
@@ -68,6 +69,8 @@ def shown_commands(path: pathlib.Path) -> list[tuple[str, str, list[str]]]:
                 if token in ENDS or token.startswith("#"):
                     break
                 arguments.append(token)
+            if match.group("module"):  # `python -m jaxembed.NAME`: the module must run
+                arguments = ["<python -m>", *arguments]
             found.append((f"{path.relative_to(ROOT)}:{number}", name, arguments))
     return found
 
@@ -83,6 +86,14 @@ def parser_of(name: str, template_name: str | None = None) -> argparse.ArgumentP
     return module.build_parser()
 
 
+def runnable(module: str) -> bool:
+    """Whether `python -m MODULE` finds something to run: a module, or a package with `__main__`."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        return False
+    return spec.submodule_search_locations is None or importlib.util.find_spec(module + ".__main__") is not None
+
+
 def is_placeholder(value: str) -> bool:
     """NAME, FOLDER, RUN/whitening.npz, '...', <x>: stands for a value the reader fills in."""
     return value in {"...", "…"} or value.startswith("<") or bool(re.match(r"^[A-Z][A-Z0-9_]*(\b|$)", value))
@@ -94,6 +105,10 @@ def problems(name: str, arguments: list[str]) -> list[str]:
         return []
     if name not in COMMANDS:
         return [f"no command {name!r} (commands: {', '.join(COMMANDS)})"]
+    if arguments[:1] == ["<python -m>"]:
+        arguments = arguments[1:]
+        if not runnable(f"jaxembed.{name}"):
+            return [f"python -m jaxembed.{name} has no module to run"]
     parsers, specs = [parser_of(name)], {}
     if name == "train":
         given = [arguments[i + 1] for i, a in enumerate(arguments[:-1]) if a == "--template"]
@@ -147,3 +162,5 @@ def test_a_wrong_flag_or_command_is_caught():
     assert problems("train", ["--template", "NAME", "--angular_margin", "0.2"]) == []
     assert problems("train", ["--template", "inception_bn", "--dtype", "float16"])
     assert problems("serve", [])
+    assert problems("search", ["<python -m>", "--index", "x"]) == []
+    assert not runnable("jaxembed.no_such_tool") and not runnable("jaxembed.data")  # data: a package, no __main__
