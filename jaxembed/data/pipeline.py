@@ -27,6 +27,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -342,7 +344,8 @@ def _read(plan, load: LoadBatch, *, first: int, workers: int) -> Iterator[Batch]
         # One thread per worker: the processes are the parallelism, and a batch crosses to the trainer
         # in shared memory.
         dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
-            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_PREFETCH_PER_WORKER))
+            grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=_PREFETCH_PER_WORKER),
+            worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
     return _named_failures(iter(dataset), workers, folder)
 
 
@@ -382,6 +385,24 @@ def _named_failures(iterator, workers: int, folder: str | None) -> Iterator[Batc
             close()
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+# Seconds between a worker's checks that the training process still lives.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with_parent(parent_pid: int, worker: int, workers: int) -> None:
+    """Worker start-up: a thread that ends this worker once the training process is gone. Python's own clean-up
+    stops workers when the trainer exits, but a trainer killed outright (kill -9, the OOM killer) would leave
+    them running forever, orphaned. (The kernel's parent-death signal is no substitute: it follows the thread
+    that started the worker, and grain starts workers from short-lived threads.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name=f"jaxembed-data-worker-{worker}-of-{workers}-watch", daemon=True).start()
 
 
 def _exit_reason(grain_message: str) -> str:
