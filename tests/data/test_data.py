@@ -40,7 +40,7 @@ from jaxembed.data import pipeline
 
 # The shared datasets folder sits next to the repository; the images are never copied into it.
 OMNIGLOT_ZIP = os.path.join(
-    os.path.dirname(__file__), "..", "..", "shared", "datasets", "omniglot", "images_background_small1.zip"
+    os.path.dirname(__file__), "..", "..", "..", "shared", "datasets", "omniglot", "images_background_small1.zip"
 )
 OMNIGLOT_ALPHABETS = ("Greek", "Latin")
 OMNIGLOT_CHARACTERS = ("character01", "character02", "character03")  # 20 drawings each

@@ -64,6 +64,7 @@ def test_pixel_baseline_sees_the_pixels_a_model_sees(script, tmp_path):
     assert script.runner.eval_pixels(images, 32).shape == (12, 32, 32)
 
 
+@pytest.mark.results
 def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(script):
     results = experiment_script.EXPERIMENTS / "results" / "omniglot.json"
     rows = json.loads(results.read_text())

@@ -62,7 +62,7 @@ LOGITS_ARCHS = ("resnet50", "resnext50_32x4d", "resnext101_32x8d")
 # test_conv_forms.py checks that both implementations compute the same function.
 LOGITS_CONV_IMPL = {"resnext101_32x8d": "native"}
 # The torch BN-Inception port (imports torch, not torchvision).
-TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "torch_reference.py"
+TORCH_REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "torch_reference.py"
 
 
 @functools.lru_cache(maxsize=None)

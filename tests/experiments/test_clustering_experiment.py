@@ -17,6 +17,7 @@ def script():
 
 
 @pytest.mark.parametrize("name", ["clustering_fashion_mnist", "clustering_omniglot", "clustering_digits"])
+@pytest.mark.results
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     result, table = experiment_script.committed_result(name)
     assert script.markdown(result["rows"], result["command"]) == table

@@ -80,6 +80,7 @@ def test_pixel_baseline_is_nearest_neighbours_on_pixels_centred_on_the_training_
     assert fashion.pixel_baseline((noisy(5), swapped), (noisy(5), labels))["accuracy"] == pytest.approx(0.8)
 
 
+@pytest.mark.results
 def test_rows_train_with_the_committed_commands_and_tabulate_as_committed(fashion):
     results = experiment_script.EXPERIMENTS / "results" / "fashion_mnist"
     rows = json.loads(results.with_suffix(".json").read_text())

@@ -45,6 +45,7 @@ def test_a_test_run_that_did_not_finish_is_refused_by_name(script, tmp_path, cap
 
 @pytest.mark.parametrize("name", sorted(path.name.removesuffix(".json") for path in
                                          (experiment_script.EXPERIMENTS / "results").glob("omniglot_embeddings*.json")))
+@pytest.mark.results
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     result, table = experiment_script.committed_result(name)
     assert script.markdown(result) == table

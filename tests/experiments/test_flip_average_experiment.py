@@ -14,6 +14,7 @@ def script():
 
 
 @pytest.mark.parametrize("name", ["flip_average", "flip_average_digits", "flip_average_arcface"])
+@pytest.mark.results
 def test_the_committed_table_is_what_the_committed_json_gives(script, name):
     result, table = experiment_script.committed_result(name)
     assert script.markdown(result["rows"], result["command"]) == table

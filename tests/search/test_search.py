@@ -38,7 +38,7 @@ from jaxembed.search import index
 from jaxembed.search import query as search
 from jaxembed.search import topk
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------- the NumPy reference

@@ -1,6 +1,6 @@
 """experiments/omniglot_whitening.py: its own candidate projections against their defining properties
 (float64, so the bounds are rounding, ~1e-13), and its committed table (no training here). The learned
-whitening it scores is jaxembed.whitening's (tests/test_whitening.py)."""
+whitening it scores is jaxembed.whitening's (tests/inference/test_whitening.py)."""
 
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 
 import _experiment_script as experiment_script
 from jaxembed.inference import whitening
-from test_whitening import gaussian_concepts
+from inference.test_whitening import gaussian_concepts
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,7 @@ def test_a_run_that_did_not_finish_is_refused_by_name(script, tmp_path, capsys):
     assert f"{tmp_path}: no summary.json, not a finished run" in capsys.readouterr().err
 
 
+@pytest.mark.results
 def test_the_committed_table_is_what_the_committed_json_gives(script):
     result, table = experiment_script.committed_result("omniglot_whitening")
     assert script.markdown(result) == table
