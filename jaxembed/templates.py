@@ -344,8 +344,8 @@ RUN_OPTIONS = _hparams(
     HParam("keep_checkpoints", int, 3, 1, None, 1, "checkpoints kept", same_run=False),
     HParam("eval_batch_size", int, 64, 1, None, 1, "images per evaluation batch", same_run=False),
     HParam("data_workers", int, None, 0, None, 1, "processes that decode and augment training images (0: threads "
-           "of the training process; unset: one per CPU core less one, at most 8); the batches are the same "
-           "for any number", same_run=False),
+           "of the training process; unset: one per CPU core less one, at most 16, and 0 below 4 cores); the "
+           "batches are the same for any number", same_run=False),
     HParam("max_steps", int, None, 1, None, 1, "stop (with a checkpoint) at this step; resume later", same_run=False),
     HParam("progress", bool, True, help="show a progress bar", same_run=False),
 )

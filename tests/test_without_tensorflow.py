@@ -27,11 +27,13 @@ def test_the_bare_command_and_load_run_without_tensorflow(tmp_path):
     assert "No module named 'tensorflow'" in hidden.stderr  # the setting below is what it claims to be
 
     workdir = str(tmp_path / "run")
-    # The bare command (embedded default data, CPU demo settings, the default data workers), on the test
-    # backbone and for 3 steps to stay fast; tests/_lock_trainer.py runs `python -m jaxembed.train`.
+    # The bare command (embedded default data, CPU demo settings), with a data worker process (none by
+    # default below 4 cores), on the test backbone and for 3 steps to stay fast; tests/_lock_trainer.py
+    # runs `python -m jaxembed.train`.
     trained = subprocess.run([sys.executable, os.path.join(TESTS, "_lock_trainer.py"), "--template", "inception_bn",
-                              "--arch", "tiny", "--max_steps", "3", "--log_every", "1", "--workdir", workdir,
-                              "--no_progress"], capture_output=True, text=True, env=_env(), timeout=TIMEOUT)
+                              "--arch", "tiny", "--max_steps", "3", "--log_every", "1", "--data_workers", "1",
+                              "--workdir", workdir, "--no_progress"], capture_output=True, text=True, env=_env(),
+                             timeout=TIMEOUT)
     assert trained.returncode == 0, trained.stderr
     summary = json.loads(trained.stdout[trained.stdout.index("{"):trained.stdout.rindex("}") + 1])
     assert summary["step"] == 3 and np.isfinite(summary["train/loss"])

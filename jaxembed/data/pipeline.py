@@ -72,9 +72,12 @@ def batches_per_pass(num_images: int, batch_size: int, process_count: int = 1) -
 
 def default_workers() -> int:
     """Worker processes for training batches: one per CPU core this process may use, less one for the
-    training process itself, at most 8 (decoding rarely needs more beside an accelerator)."""
+    training process itself, at most 16 (each holds the list of images); none below 4 cores, a machine
+    without an accelerator, whose train step, not the loading, sets the pace (at 224 px on 2 cores the step
+    runs at a few images/s, the in-process threads load thousands: experiments/results/data_throughput.md),
+    so a worker would add only its start-up and memory."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores - 1))
+    return 0 if cores < 4 else min(16, cores - 1)
 
 
 @dataclasses.dataclass(frozen=True)
