@@ -16,9 +16,11 @@ row order (earlier blocks before later ones, device 0 before device 1), so the o
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -204,33 +206,39 @@ HOST_GROUP_ROWS = 16
 # Candidates gathered before they are merged into the running top-k (and the thresholds raised): at least
 # `Q * k`, so that the merges' sorts cost about as much as the candidates do.
 HOST_MERGE_CANDIDATES = 1 << 16
-# Bytes of the `(block, Q)` float32 score tile: small enough to stay in the last-level cache between the
-# matrix product that writes it and the group maxima that read it, large enough for an efficient product.
-HOST_TILE_BYTES = 8 << 20
+# Bytes of the `(block, Q)` float32 score tile: small enough to stay in a core's own cache between the matrix
+# product that writes it and the group maxima that read it (1,000 queries: 512 rows), large enough for an
+# efficient product (experiments/search_benchmark.py's host rows).
+HOST_TILE_BYTES = 2 << 20
 
 
 def host_block_rows(num_queries: int, k: int, tile_bytes: int = HOST_TILE_BYTES, group: int = HOST_GROUP_ROWS) -> int:
     """Index rows per matrix product of `host_top_k`: a `(rows, num_queries)` float32 tile of about `tile_bytes`,
-    at least 1,024 rows (the product's efficiency) and `k` groups (a first threshold), a multiple of `group`."""
-    rows = max(1024, tile_bytes // (4 * max(num_queries, 1)), k * group)
+    at least 256 rows (the product's efficiency) and `k` (a first threshold), a multiple of `group`."""
+    rows = max(256, tile_bytes // (4 * max(num_queries, 1)), k)
     return group * math.ceil(rows / group)
 
 
 def host_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, *, block_rows: int | None = None,
-               group: int = HOST_GROUP_ROWS) -> tuple[np.ndarray, np.ndarray]:
+               group: int = HOST_GROUP_ROWS, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`top_k` on the host with NumPy: the same results, for a CPU, where the BLAS product beats XLA's.
 
     The rows are scanned in blocks: one BLAS product `block @ queries.T` gives a `(block, Q)` score tile
     (rows outermost, so that the maxima of `group` consecutive rows are elementwise maxima of contiguous
-    query vectors). Only the groups whose maximum beats the query's threshold (its k-th best score so far,
-    or, before it has k, the k-th largest group maximum of the first block) are read in full; their scores
+    query vectors). Only the groups whose maximum beats the query's threshold (its k-th best score so far; in
+    the first block, that block's own k-th best score) are read in full; their scores
     above it are kept as candidates, and merged exactly with the running top-k (a stable sort on
     `(query, -score, row)`) when they pile up and at the end, so that equal scores keep the lower row, as
     `top_k` does. (A candidate must beat the threshold strictly: a later row with an equal score never wins.)
 
+    With `threads` > 1 the rows are cut into that many contiguous ranges, each scanned by its own thread
+    with a one-thread BLAS, and the ranges' results merged in row order: each core then filters one tile
+    while the others multiply, instead of every core waiting for one thread's filtering between products.
+
     Args:
       vectors: float32 `(N, D)` (e.g. memory-mapped); queries: float32 `(Q, D)`; 1 <= k <= N.
       block_rows: rows per product (default `host_block_rows`), at least `k`, rounded up to a multiple of `group`.
+      threads: scanning threads (default: the CPU cores this process may use); fewer when the rows are few.
 
     Returns:
       `(scores, ids)`: float32 `(Q, k)` in decreasing order and int64 `(Q, k)` row indices.
@@ -242,24 +250,54 @@ def host_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, *, block_rows: 
     if not 1 <= k <= count:
         raise ValueError(f"k={k} must be between 1 and the number of indexed vectors ({count})")
     block = group * math.ceil(max(block_rows or host_block_rows(num_queries, k, group=group), k) / group)
+    num_blocks = math.ceil(count / block)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    edges = _ranges(count, block, k, max(1, min(threads, num_blocks)))
+    if len(edges) == 2:
+        return _scan(vectors, queries, k, 0, count, block, group).as_arrays(num_queries, k)
+    threads = len(edges) - 1
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - only the threaded scan needs it
+
+    with threadpool_limits(limits=1, user_api="blas"), \
+            concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jaxembed-top-k") as pool:
+        parts = list(pool.map(lambda edge: _scan(vectors, queries, k, edge[0], edge[1], block, group),
+                              zip(edges[:-1], edges[1:])))
+    return _Candidates.concatenate(parts).top(k, num_queries).as_arrays(num_queries, k)
+
+
+def _ranges(count: int, block: int, k: int, parts: int) -> list[int]:
+    """Edges of `parts` (or fewer) contiguous ranges of whole blocks covering `count` rows, each of at least
+    `k` rows (the last block may be short)."""
+    num_blocks = math.ceil(count / block)
+    for parts in range(parts, 1, -1):
+        edges = [round(num_blocks * part / parts) * block for part in range(parts)] + [count]
+        if all(stop - start >= k for start, stop in zip(edges[:-1], edges[1:])):
+            return edges
+    return [0, count]
+
+
+def _scan(vectors: np.ndarray, queries: np.ndarray, k: int, first: int, stop: int, block: int,
+          group: int) -> _Candidates:
+    """The top `k` of rows `first:stop` for each query (`host_top_k`'s scan of one range), ordered by query."""
+    num_queries = len(queries)
     queries_t = queries.T  # a view: BLAS reads it transposed
-    tile = np.empty((min(block, count), num_queries), np.float32)
+    tile = np.empty((min(block, stop - first), num_queries), np.float32)
     best = _Candidates.empty(num_queries)
     pending: list[_Candidates] = [best]
     pending_size, limit = 0, max(num_queries * k, HOST_MERGE_CANDIDATES)
     threshold = np.full(num_queries, -np.inf, np.float32)
-    for start in range(0, count, block):
-        rows = np.asarray(vectors[start:start + block], np.float32)
+    for start in range(first, stop, block):
+        rows = np.asarray(vectors[start:min(start + block, stop)], np.float32)
         scores = np.matmul(rows, queries_t, out=tile[:len(rows)])  # (b, Q)
         whole = len(rows) // group * group
         maxima = scores[:whole].reshape(-1, group, num_queries).max(axis=1)  # (groups, Q)
         if whole < len(rows):
             maxima = np.concatenate([maxima, scores[whole:].max(axis=0, keepdims=True)])
-        if start == 0:  # no threshold yet: every top-k score of this block is >= its k-th largest group maximum
-            first = (np.partition(maxima, len(maxima) - k, axis=0)[len(maxima) - k] if len(maxima) >= k
-                     else np.full(num_queries, -np.inf, np.float32))
-            hit_groups, hit_queries = _hits(maxima >= first)
-            floor, strict = first[hit_queries], False
+        if start == first:  # no threshold yet: the top k of this block are its scores >= its k-th best
+            kth = np.partition(scores, len(rows) - k, axis=0)[len(rows) - k]  # (Q,); the range has >= k rows
+            hit_groups, hit_queries = _hits(maxima >= kth)
+            floor, strict = kth[hit_queries], False
         else:
             hit_groups, hit_queries = _hits(maxima > threshold)
             floor, strict = threshold[hit_queries], True
@@ -271,11 +309,10 @@ def host_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, *, block_rows: 
             pending.append(_Candidates(np.broadcast_to(hit_queries[:, None], keep.shape)[keep], found[keep],
                                        start + row_ids[keep].astype(np.int64)))
             pending_size += int(keep.sum())
-        if start == 0 or pending_size > limit:
+        if start == first or pending_size > limit:
             best = _Candidates.concatenate(pending).top(k, num_queries)
             pending, pending_size, threshold = [best], 0, best.scores.reshape(num_queries, k)[:, -1]
-    best = _Candidates.concatenate(pending).top(k, num_queries)
-    return best.scores.reshape(num_queries, k), best.ids.reshape(num_queries, k)
+    return _Candidates.concatenate(pending).top(k, num_queries)
 
 
 def _hits(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -303,6 +340,10 @@ class _Candidates:
     @classmethod
     def concatenate(cls, parts: list[_Candidates]) -> _Candidates:
         return cls(*(np.concatenate([getattr(p, name) for p in parts]) for name in ("queries", "scores", "ids")))
+
+    def as_arrays(self, num_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`(scores (Q, k), ids (Q, k))` of a result of `top`."""
+        return self.scores.reshape(num_queries, k), self.ids.reshape(num_queries, k)
 
     def top(self, k: int, num_queries: int) -> _Candidates:
         """The `k` best of each query (every query has at least `k`), by decreasing score then increasing row,

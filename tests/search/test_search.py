@@ -103,11 +103,13 @@ def test_top_k_on_random_unit_vectors(num_devices):
     (1003, 37, 25, 64, 16), (1003, 40, 25, 100_000, 16), (10, 37, 10, None, 16), (300, 37, 1, 16, 16),
     (1003, 40, 7, 64, 5), (1003, 37, 30, 8, 4), (5000, 40, 100, None, 16)])
 @pytest.mark.parametrize("merge_every", [1, topk.HOST_MERGE_CANDIDATES])
-def test_host_top_k_breaks_ties_like_numpy(monkeypatch, count, num_queries, k, block_rows, group, merge_every):
+@pytest.mark.parametrize("threads", [1, 3])  # 3: ranges scanned in parallel, ties across their edges
+def test_host_top_k_breaks_ties_like_numpy(monkeypatch, count, num_queries, k, block_rows, group, merge_every,
+                                           threads):
     # merge_every=1: the candidates are merged after every block (a threshold raised each time).
     monkeypatch.setattr(topk, "HOST_MERGE_CANDIDATES", merge_every)
     vectors, queries = tied_vectors(count, 16, seed=0), tied_vectors(num_queries, 16, seed=1)
-    scores, ids = topk.host_top_k(vectors, queries, k, block_rows=block_rows, group=group)
+    scores, ids = topk.host_top_k(vectors, queries, k, block_rows=block_rows, group=group, threads=threads)
     assert scores.dtype == np.float32 and ids.shape == (num_queries, k)
     assert_same_top_k(scores, ids, vectors, queries, k)
 
@@ -118,6 +120,15 @@ def test_host_merge_orders_zero_and_minus_zero_as_equal_scores_by_row():
     merged = topk._Candidates(np.zeros(4, np.intp), np.array([0.0, -0.0, 0.5, 0.0], np.float32),
                               np.array([1, 2, 3, 7], np.int64)).top(3, 1)
     assert merged.ids.tolist() == [3, 1, 2]
+
+
+@pytest.mark.parametrize("count, block, k, parts", [(1000, 64, 10, 3), (1000, 64, 50, 8), (130, 64, 10, 3),
+                                                    (129, 64, 2, 3), (64, 64, 64, 2)])
+def test_host_ranges_are_whole_blocks_of_at_least_k_rows(count, block, k, parts):
+    edges = topk._ranges(count, block, k, parts)
+    assert edges[0] == 0 and edges[-1] == count and 2 <= len(edges) <= parts + 1
+    assert all(edge % block == 0 for edge in edges[1:-1])
+    assert all(stop - start >= k for start, stop in zip(edges[:-1], edges[1:]))
 
 
 def test_host_top_k_on_random_unit_vectors_equals_the_mesh():
