@@ -69,7 +69,7 @@ def learning_rate_schedule(
     Returns:
       An optax schedule: step (int or int array) -> learning rate (float32 array).
 
-    Example:
+    Examples:
       >>> s = learning_rate_schedule(batch_size=10, per_item_lrate=0.01, init_epochs=2,
       ...                            step_epochs=1, num_epochs=4, items_per_epoch=95)
       >>> [round(float(s(t)), 6) for t in (0, 19, 20, 29, 30)]  # 10 steps per epoch
@@ -105,7 +105,7 @@ def warmup_factor(warmup_epochs: float, steps_per_epoch: int):
     scales the learning rate (and the ArcFace margin, `margin_warmup_epochs`) during a warmup. The first
     step already gets 1 / W of the value, step W - 1 the whole of it; with W = 0 every step gets all of it.
 
-    Example:
+    Examples:
       >>> ramp = warmup_factor(0.5, 8)  # W = 4 steps
       >>> [float(ramp(t)) for t in (0, 1, 3, 4, 100)]
       [0.25, 0.5, 1.0, 1.0, 1.0]

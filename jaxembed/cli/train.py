@@ -40,7 +40,8 @@ def build_parser(template_name: str = "inception_bn", prog: str = PROG) -> argpa
     template = templates.get(template_name)
     parser = argparse.ArgumentParser(
         prog=prog, description=f"Train the {template.name} template: {template.description}.")
-    parser.add_argument("--template", required=True, choices=templates.NAMES)
+    parser.add_argument("--template", required=True, choices=templates.NAMES,
+                        help="which template to train: its backbone, head, loss and hyperparameters")
     parser.add_argument("--data", default=None,
                         help="a folder of concept sub-folders, a .csv/.jsonl manifest, or tfds:NAME[:SPLIT] "
                              "(default: the embedded default dataset)")
