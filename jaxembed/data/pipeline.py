@@ -379,9 +379,11 @@ def _named_failures(iterator, workers: int, folder: str | None) -> Iterator[Batc
             batch, failures = batch
             for failure in failures:
                 logger.warning("%s", failure)
-            # Copied out of grain's shared memory, which is then freed at once rather than when the
-            # caller lets go of the batch (a kept batch would hold a block until the process ends).
-            yield {name: np.array(value) for name, value in batch.items()}
+            if workers:
+                # Copied out of grain's shared memory, which is then freed at once rather than when the
+                # caller lets go of the batch (a kept batch would hold a block until the process ends).
+                batch = {name: np.array(value) for name, value in batch.items()}
+            yield batch
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
